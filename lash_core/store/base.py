@@ -1,0 +1,328 @@
+"""The store interface: every durable operation the runtime and the service need.
+
+Two implementations pass one conformance suite (``tests/conformance``):
+:class:`lash_core.store.memory.InMemoryStore` and
+:class:`lash_core.store.postgres.PostgresStore`. Every decision about leases, claims and
+admission is made by the pure functions in ``lash_core.inputs`` / ``leases`` / ``claims``;
+a store reads rows under the right locks, applies those rules, and writes the result in
+one transaction. Time for leases, claims and liveness is the store's clock (the database
+clock for PostgreSQL).
+
+Every state change that observers care about appends a durable event with the next
+gapless per-session ``seq`` in the same transaction (``input.admitted``,
+``input.cancelled``, ``turn.started``, ``input.accepted``, ``turn.committed``,
+``session.command_applied``).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import AsyncIterator, Sequence
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import Field
+
+from lash_core._model import Frozen
+from lash_core.claims import CommandClaim, TurnInputClaim
+from lash_core.commands import CommandDraft, QueuedCommand
+from lash_core.commit import CommitResult, RuntimeCommit, SessionConfig
+from lash_core.events import DurableEvent
+from lash_core.inputs import (
+    CancelResult,
+    CancelTarget,
+    CheckpointKind,
+    PendingTurnInput,
+    SuffixCancelResult,
+    TurnInputDraft,
+)
+from lash_core.leases import DeadCheck, LeaseClaimResult, LeaseFence, LeaseOwner, LeaseRow
+from lash_core.outcomes import Usage
+from lash_core.transcript import MessageNode
+
+MAX_CLAIM_INPUTS = 64
+
+
+class AdmissionStatus(StrEnum):
+    ADMITTED = "admitted"
+    DUPLICATE = "duplicate"
+
+
+class InputAdmission(Frozen):
+    status: AdmissionStatus
+    record: PendingTurnInput
+    event: DurableEvent | None = None
+
+
+class CommandAdmission(Frozen):
+    status: AdmissionStatus
+    command: QueuedCommand
+
+
+class TurnStart(Frozen):
+    """A turn that has begun under a lease: ``turn.started`` is durable."""
+
+    session_id: str
+    turn_id: str
+    lease_generation: int
+    claim: TurnInputClaim | None
+    resolved_input_ids: list[str] = Field(default_factory=list)
+    event: DurableEvent
+
+
+class Residency(StrEnum):
+    FULL = "full"
+    ACTIVE_PATH = "active_path"
+
+
+class SessionState(Frozen):
+    """A session's committed state as the runtime loads it."""
+
+    session_id: str
+    exists: bool
+    head_revision: int
+    leaf_node_id: str | None
+    nodes: list[MessageNode]
+    config: SessionConfig | None = None
+    checkpoint: dict[str, Any] | None = None
+    usage: Usage = Field(default_factory=Usage)
+    last_seq: int = 0
+
+
+class EventPage(Frozen):
+    """Events after a ``seq``. ``gap`` is true when some of them are no longer retained."""
+
+    session_id: str
+    after_seq: int
+    events: list[DurableEvent]
+    gap: bool = False
+    last_seq: int = 0
+
+
+class SessionView(Frozen):
+    """What ``session.read`` returns."""
+
+    session_id: str
+    head_revision: int
+    last_seq: int
+    running_turn_id: str | None
+    messages: list[MessageNode]
+    pending_inputs: list[PendingTurnInput]
+    events: EventPage | None = None
+
+
+class VacuumReport(Frozen):
+    removed_input_tombstones: int = 0
+    removed_command_tombstones: int = 0
+    removed_events: int = 0
+
+
+class Notification(Frozen):
+    """A wake-up between workers (PostgreSQL ``LISTEN/NOTIFY``; in-process for memory).
+
+    ``work``: a session may have claimable work (admission, release, deferral).
+    ``cancel``: a turn cancel was requested. ``events``: durable events were appended.
+    """
+
+    kind: Literal["work", "cancel", "events"]
+    session_id: str
+    turn_id: str | None = None
+
+
+class Store(abc.ABC):
+    """Durable state of agent sessions. All methods are safe to call concurrently."""
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect and migrate. Idempotent."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def now_ms(self) -> int:
+        """The store's authoritative clock (DB time for PostgreSQL)."""
+
+    # ------------------------------------------------------------------ admission (§1.7)
+
+    @abc.abstractmethod
+    async def enqueue_input(self, draft: TurnInputDraft) -> InputAdmission:
+        """Admit idempotently by ``(session_id, source_key)``.
+
+        Same content: ``duplicate`` with the stored record whatever its state. Different
+        content: raises :class:`~lash_core.errors.SourceKeyConflict`, nothing written.
+        Active-turn input for a turn that is not running is stored as next-turn input.
+        A new record appends ``input.admitted`` and wakes workers.
+        """
+
+    @abc.abstractmethod
+    async def get_input(self, session_id: str, input_id: str) -> PendingTurnInput | None: ...
+
+    @abc.abstractmethod
+    async def list_inputs(self, session_id: str) -> list[PendingTurnInput]:
+        """Every record of the session in any state, ``enqueue_seq`` order (diagnostics)."""
+
+    @abc.abstractmethod
+    async def list_pending_inputs(self, session_id: str) -> list[PendingTurnInput]:
+        """``pending_active`` / ``deferred_next_turn`` rows without a live claim."""
+
+    @abc.abstractmethod
+    async def cancel_inputs(
+        self, session_id: str, targets: Sequence[CancelTarget]
+    ) -> list[CancelResult]:
+        """Atomic bulk cancel; one result per target in order (§1.10)."""
+
+    @abc.abstractmethod
+    async def cancel_input_suffix(self, session_id: str, anchor: CancelTarget) -> SuffixCancelResult:
+        """Cancel the anchor and every later input of the session atomically."""
+
+    @abc.abstractmethod
+    async def abandon_input_claim(self, claim: TurnInputClaim) -> None:
+        """Hand claimed rows back (``accepted`` -> ``pending_active``). No lease needed."""
+
+    # ------------------------------------------------------------------ leases (§2)
+
+    @abc.abstractmethod
+    async def try_claim_lease(
+        self, session_id: str, owner: LeaseOwner, ttl_ms: int
+    ) -> LeaseClaimResult: ...
+
+    @abc.abstractmethod
+    async def reclaim_lease(
+        self,
+        session_id: str,
+        owner: LeaseOwner,
+        observed_holder: LeaseFence,
+        ttl_ms: int,
+        holder_is_dead: DeadCheck | None = None,
+    ) -> LeaseClaimResult: ...
+
+    @abc.abstractmethod
+    async def renew_lease(self, fence: LeaseFence, ttl_ms: int) -> LeaseRow:
+        """Extend a live lease; raises :class:`~lash_core.errors.LeaseLost`. The returned
+        row carries ``cancel_requested`` so a renewing turn also learns of cancellation."""
+
+    @abc.abstractmethod
+    async def release_lease(self, fence: LeaseFence) -> None:
+        """CAS release; a stale or repeated release is a silent no-op. Wakes workers."""
+
+    @abc.abstractmethod
+    async def read_lease(self, session_id: str) -> LeaseRow | None: ...
+
+    # ------------------------------------------------------------------ claims (§3)
+
+    @abc.abstractmethod
+    async def start_turn(
+        self,
+        fence: LeaseFence,
+        turn_id: str,
+        *,
+        claim_next_turn_inputs: bool = True,
+        require_inputs: bool = True,
+        max_inputs: int = MAX_CLAIM_INPUTS,
+    ) -> TurnStart | None:
+        """Begin a turn under ``fence`` in one transaction.
+
+        Validates the fence; resolves input left by a dead generation (``accepted`` rows of
+        another generation become ``completed`` if their message is committed, otherwise
+        ``deferred_next_turn``; stray ``pending_active`` rows become next-turn input);
+        optionally claims up to ``max_inputs`` next-turn inputs; records ``turn_id`` as the
+        running turn; appends ``turn.started``. With ``require_inputs`` and nothing to
+        claim, writes nothing and returns ``None``.
+        """
+
+    @abc.abstractmethod
+    async def claim_next_turn_inputs(
+        self, fence: LeaseFence, owner: LeaseOwner, max_inputs: int = MAX_CLAIM_INPUTS
+    ) -> TurnInputClaim | None:
+        """Idle claim of ``deferred_next_turn`` rows (§1.8). No event, no running turn."""
+
+    @abc.abstractmethod
+    async def claim_active_turn_inputs(
+        self,
+        fence: LeaseFence,
+        owner: LeaseOwner,
+        turn_id: str,
+        checkpoint: CheckpointKind,
+        max_inputs: int = MAX_CLAIM_INPUTS,
+    ) -> TurnInputClaim | None:
+        """Checkpoint claim of steering input for ``turn_id``; appends ``input.accepted``."""
+
+    @abc.abstractmethod
+    async def has_active_input(self, session_id: str, turn_id: str, checkpoint: CheckpointKind) -> bool:
+        """Read-only probe: is there admissible steering input for this checkpoint?"""
+
+    # ------------------------------------------------------------------ queued commands (§4)
+
+    @abc.abstractmethod
+    async def enqueue_command(self, draft: CommandDraft) -> CommandAdmission:
+        """Content-checked idempotent admission; conflict raises ``SourceKeyConflict``."""
+
+    @abc.abstractmethod
+    async def list_commands(self, session_id: str, *, pending_only: bool = False) -> list[QueuedCommand]: ...
+
+    @abc.abstractmethod
+    async def cancel_command(self, session_id: str, batch_id: str) -> QueuedCommand | None:
+        """Cancel a pending command without a live claim; ``None`` if claimed or gone."""
+
+    @abc.abstractmethod
+    async def claim_leading_command(self, fence: LeaseFence, owner: LeaseOwner) -> CommandClaim | None:
+        """Claim the earliest pending command iff it precedes every pending next-turn input
+        in admission order (one shared sequence orders both)."""
+
+    # ------------------------------------------------------------------ commit (§5)
+
+    @abc.abstractmethod
+    async def commit(self, commit: RuntimeCommit) -> CommitResult:
+        """Apply a runtime commit atomically (§5.4), appending its durable events."""
+
+    # ------------------------------------------------------------------ reading
+
+    @abc.abstractmethod
+    async def load_state(self, session_id: str, residency: Residency = Residency.FULL) -> SessionState: ...
+
+    @abc.abstractmethod
+    async def read_session(self, session_id: str, after_seq: int | None = None) -> SessionView: ...
+
+    @abc.abstractmethod
+    async def events_after(self, session_id: str, after_seq: int, limit: int = 1000) -> EventPage: ...
+
+    # ------------------------------------------------------------------ turn cancellation
+
+    @abc.abstractmethod
+    async def request_turn_cancel(
+        self, session_id: str, turn_id: str | None, reason: str | None = None
+    ) -> str | None:
+        """Mark the running turn (``turn_id`` or whichever runs) for cancellation under a
+        live lease. Returns the turn id, or ``None`` when no such turn runs. Notifies."""
+
+    # ------------------------------------------------------------------ maintenance
+
+    @abc.abstractmethod
+    async def delete_session(self, fence: LeaseFence) -> None:
+        """Delete everything of the session, including its lease row, under its lease."""
+
+    @abc.abstractmethod
+    async def vacuum(self, older_than_ms: int, session_id: str | None = None) -> VacuumReport:
+        """Delete terminal input/command tombstones and published events older than
+        ``older_than_ms`` (age by the store clock). Non-terminal rows are never removed."""
+
+    @abc.abstractmethod
+    async def sessions_with_orphaned_work(self, limit: int = 100) -> list[str]:
+        """Sessions with claimable pending input or commands and no live lease."""
+
+    # ------------------------------------------------------------------ outbox
+
+    @abc.abstractmethod
+    async def unpublished_events(self, limit: int = 500) -> list[DurableEvent]:
+        """Durable events not yet confirmed published, per session in ``seq`` order."""
+
+    @abc.abstractmethod
+    async def mark_published(self, events: Sequence[DurableEvent]) -> None: ...
+
+    # ------------------------------------------------------------------ wake-ups
+
+    @abc.abstractmethod
+    def notifications(self) -> AsyncIterator[Notification]:
+        """An endless stream of wake-ups from every worker using this store."""
