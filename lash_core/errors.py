@@ -46,7 +46,9 @@ class LeaseLost(LashError):
     def __init__(self, session_id: str, detail: str = "") -> None:
         self.session_id = session_id
         self.detail = detail
-        super().__init__(f"session execution lease lost for {session_id!r}{': ' + detail if detail else ''}")
+        super().__init__(
+            f"session execution lease lost for {session_id!r}{': ' + detail if detail else ''}"
+        )
 
 
 class SessionBusy(LashError):

@@ -8,6 +8,7 @@ revision and ``seq`` so a reader can resume with ``after_seq``.
 
 from __future__ import annotations
 
+import zlib
 from typing import Annotated, Any, Literal
 
 from pydantic import Field
@@ -73,6 +74,11 @@ DURABLE_EVENT_TYPES = (
     "turn.committed",
     "session.command_applied",
 )
+
+
+def session_shard(session_id: str) -> int:
+    """A stable non-negative shard number of a session (crc32), for splitting outbox relays."""
+    return zlib.crc32(session_id.encode("utf-8"))
 
 
 def make_cursor(session_id: str, revision: int, seq: int) -> str:

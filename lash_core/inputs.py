@@ -19,7 +19,9 @@ from pydantic import Field, StringConstraints
 from lash_core._model import Frozen
 from lash_core.leases import LeaseOwner, LeaseRow
 
-SessionId = Annotated[str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")]
+SessionId = Annotated[
+    str, StringConstraints(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+]
 
 
 class TextItem(Frozen):

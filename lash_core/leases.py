@@ -203,7 +203,9 @@ def decide_reclaim(
     return LeaseDecision(Busy(holder=row.as_lease()), None)
 
 
-def validate_fence(row: LeaseRow | None, fence: LeaseFence, session_id: str, now_ms: int) -> LeaseRow:
+def validate_fence(
+    row: LeaseRow | None, fence: LeaseFence, session_id: str, now_ms: int
+) -> LeaseRow:
     """Check a fence against the stored row (§2.6). Returns the row; raises :class:`LeaseLost`."""
     if fence.session_id != session_id:
         raise SessionMismatch(f"fence for {fence.session_id!r} used on session {session_id!r}")

@@ -174,7 +174,9 @@ class Store(abc.ABC):
         """Atomic bulk cancel; one result per target in order (§1.10)."""
 
     @abc.abstractmethod
-    async def cancel_input_suffix(self, session_id: str, anchor: CancelTarget) -> SuffixCancelResult:
+    async def cancel_input_suffix(
+        self, session_id: str, anchor: CancelTarget
+    ) -> SuffixCancelResult:
         """Cancel the anchor and every later input of the session atomically."""
 
     @abc.abstractmethod
@@ -250,7 +252,9 @@ class Store(abc.ABC):
         """Checkpoint claim of steering input for ``turn_id``; appends ``input.accepted``."""
 
     @abc.abstractmethod
-    async def has_active_input(self, session_id: str, turn_id: str, checkpoint: CheckpointKind) -> bool:
+    async def has_active_input(
+        self, session_id: str, turn_id: str, checkpoint: CheckpointKind
+    ) -> bool:
         """Read-only probe: is there admissible steering input for this checkpoint?"""
 
     # ------------------------------------------------------------------ queued commands (§4)
@@ -260,14 +264,18 @@ class Store(abc.ABC):
         """Content-checked idempotent admission; conflict raises ``SourceKeyConflict``."""
 
     @abc.abstractmethod
-    async def list_commands(self, session_id: str, *, pending_only: bool = False) -> list[QueuedCommand]: ...
+    async def list_commands(
+        self, session_id: str, *, pending_only: bool = False
+    ) -> list[QueuedCommand]: ...
 
     @abc.abstractmethod
     async def cancel_command(self, session_id: str, batch_id: str) -> QueuedCommand | None:
         """Cancel a pending command without a live claim; ``None`` if claimed or gone."""
 
     @abc.abstractmethod
-    async def claim_leading_command(self, fence: LeaseFence, owner: LeaseOwner) -> CommandClaim | None:
+    async def claim_leading_command(
+        self, fence: LeaseFence, owner: LeaseOwner
+    ) -> CommandClaim | None:
         """Claim the earliest pending command iff it precedes every pending next-turn input
         in admission order (one shared sequence orders both)."""
 
@@ -280,13 +288,17 @@ class Store(abc.ABC):
     # ------------------------------------------------------------------ reading
 
     @abc.abstractmethod
-    async def load_state(self, session_id: str, residency: Residency = Residency.FULL) -> SessionState: ...
+    async def load_state(
+        self, session_id: str, residency: Residency = Residency.FULL
+    ) -> SessionState: ...
 
     @abc.abstractmethod
     async def read_session(self, session_id: str, after_seq: int | None = None) -> SessionView: ...
 
     @abc.abstractmethod
-    async def events_after(self, session_id: str, after_seq: int, limit: int = 1000) -> EventPage: ...
+    async def events_after(
+        self, session_id: str, after_seq: int, limit: int = 1000
+    ) -> EventPage: ...
 
     # ------------------------------------------------------------------ turn cancellation
 
@@ -315,8 +327,15 @@ class Store(abc.ABC):
     # ------------------------------------------------------------------ outbox
 
     @abc.abstractmethod
-    async def unpublished_events(self, limit: int = 500) -> list[DurableEvent]:
-        """Durable events not yet confirmed published, per session in ``seq`` order."""
+    async def unpublished_events(
+        self, limit: int = 500, *, shard: int | None = None, shard_count: int = 1
+    ) -> list[DurableEvent]:
+        """Durable events not yet confirmed published, ordered by ``(session_id, seq)``.
+
+        With ``shard``, only sessions where ``events.session_shard(session_id) % shard_count
+        == shard`` (stores keep the shard value in a column written at insert), so several
+        relays can split the sessions between them and each session has one publisher.
+        """
 
     @abc.abstractmethod
     async def mark_published(self, events: Sequence[DurableEvent]) -> None: ...
