@@ -18,6 +18,10 @@ from lash_core._model import Frozen
 from lash_core.outcomes import Usage
 from lash_core.transcript import Role, ToolCall
 
+RAW_ARGUMENTS_KEY = "_raw"
+"""When a model's tool-call arguments are not a JSON object, providers pass them on as
+``{RAW_ARGUMENTS_KEY: "<the text>"}`` so the tool layer can report invalid arguments."""
+
 
 class ChatMessage(Frozen):
     role: Role
