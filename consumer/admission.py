@@ -1,0 +1,209 @@
+"""Admission: turn one decoded producer message into durable state and a reply.
+
+This is the broker-independent half of ingress (``consumer.ingress`` is the AMQP half):
+each message type maps to one store call, whose commit happens before this returns, so
+the caller may ack afterwards. Store failures that may pass (``RetryableStoreError``)
+propagate for the caller to retry; requests the store refuses as malformed become
+:class:`~consumer.wire.BadInput`. Admission never touches the session lease: a busy
+session's input is durable and its lease holder picks it up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from consumer import wire
+from consumer.observability.metrics import ADMISSIONS
+from consumer.observability.tracing import span
+from lash_core.commands import CommandDraft
+from lash_core.errors import InvalidRequest, SourceKeyConflict
+from lash_core.inputs import PENDING_STATES, TurnInputDraft
+from lash_core.store.base import AdmissionStatus, Store
+from lash_core.transcript import to_transcript
+
+WorkHook = Callable[[str], None]
+
+MAX_READ_EVENTS = 10_000
+"""At most this many events in one ``session.read.result``; a reader asks again after the
+last one it got (the reply stays well inside usual AMQP frame and memory limits)."""
+CancelHook = Callable[[str, str, str | None], bool]
+
+
+def amqp_source_key(message_id: str | None) -> str | None:
+    """The fallback idempotency key of a message without its own (CONTRACT.md)."""
+    return f"amqp:{message_id}" if message_id else None
+
+
+class Admission:
+    """Handles every producer message type against one store.
+
+    ``on_work(session_id)`` is called after a commit that may have created work for the
+    session (so this worker drains it without waiting for a notification round trip);
+    ``on_events()`` after a commit that appended durable events (to wake the outbox);
+    ``cancel_local(session_id, turn_id, reason)`` signals a turn running in this process.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        on_work: WorkHook | None = None,
+        on_events: Callable[[], None] | None = None,
+        cancel_local: CancelHook | None = None,
+    ) -> None:
+        self._store = store
+        self._on_work = on_work
+        self._on_events = on_events
+        self._cancel_local = cancel_local
+
+    async def handle(self, message: wire.ProducerMessage, message_id: str | None) -> wire.Reply:
+        with span("lash.admission", message_type=message.type, session_id=message.session_id):
+            try:
+                return await self._dispatch(message, message_id)
+            except InvalidRequest as exc:
+                raise wire.BadInput(
+                    exc.code,
+                    str(exc),
+                    session_id=message.session_id,
+                    message_type=message.type,
+                ) from exc
+
+    async def _dispatch(self, message: wire.ProducerMessage, message_id: str | None) -> wire.Reply:
+        if isinstance(message, wire.SubmitMessage):
+            return await self._submit(message, message_id)
+        if isinstance(message, wire.TurnInputCancelMessage):
+            results = await self._store.cancel_inputs(message.session_id, message.targets)
+            self._events()
+            return self._receipt(message, wire.ReceiptStatus.OK, results=results)
+        if isinstance(message, wire.TurnInputCancelSuffixMessage):
+            suffix = await self._store.cancel_input_suffix(message.session_id, message.anchor)
+            if not suffix.anchor_found:
+                return self._receipt(message, wire.ReceiptStatus.ANCHOR_NOT_FOUND, results=[])
+            self._events()
+            return self._receipt(message, wire.ReceiptStatus.OK, results=suffix.results)
+        if isinstance(message, wire.TurnCancelMessage):
+            return await self._turn_cancel(message)
+        if isinstance(message, wire.SessionCommandMessage):
+            return await self._command(message, message_id)
+        return await self.read(message.session_id, message.after_seq)
+
+    def _receipt(
+        self, message: wire.ProducerMessage, status: wire.ReceiptStatus, **fields: object
+    ) -> wire.Receipt:
+        return wire.Receipt.model_validate(
+            {
+                "status": status,
+                "request_type": message.type,
+                "session_id": message.session_id,
+                **fields,
+            }
+        )
+
+    def _events(self) -> None:
+        if self._on_events is not None:
+            self._on_events()
+
+    def _work(self, session_id: str) -> None:
+        if self._on_work is not None:
+            self._on_work(session_id)
+
+    async def _submit(self, message: wire.SubmitMessage, message_id: str | None) -> wire.Receipt:
+        draft = TurnInputDraft(
+            session_id=message.session_id,
+            input_id=message.input_id,
+            source_key=message.source_key or amqp_source_key(message_id),
+            ingress=message.ingress,
+            input=message.input,
+        )
+        try:
+            admission = await self._store.enqueue_input(draft)
+        except SourceKeyConflict as exc:
+            ADMISSIONS.labels(status="conflict").inc()
+            existing = await self._store.get_input(message.session_id, exc.existing_id)
+            return self._receipt(
+                message,
+                wire.ReceiptStatus.CONFLICT,
+                input=existing.public() if existing else None,
+                error=wire.ErrorInfo(
+                    code=exc.code, message=str(exc), existing_input_id=exc.existing_id
+                ),
+            )
+        ADMISSIONS.labels(status=admission.status.value).inc()
+        record = admission.record
+        if admission.status is AdmissionStatus.ADMITTED:
+            self._events()
+        if record.state in PENDING_STATES:
+            self._work(message.session_id)
+        status = (
+            wire.ReceiptStatus.ADMITTED
+            if admission.status is AdmissionStatus.ADMITTED
+            else wire.ReceiptStatus.DUPLICATE
+        )
+        return self._receipt(message, status, input=record.public())
+
+    async def _turn_cancel(self, message: wire.TurnCancelMessage) -> wire.Receipt:
+        turn_id = await self._store.request_turn_cancel(
+            message.session_id, message.turn_id, message.reason
+        )
+        if turn_id is None:
+            return self._receipt(message, wire.ReceiptStatus.NO_RUNNING_TURN)
+        # The store notifies every worker; signalling a local turn directly saves the trip.
+        if self._cancel_local is not None:
+            self._cancel_local(message.session_id, turn_id, message.reason)
+        return self._receipt(message, wire.ReceiptStatus.CANCEL_REQUESTED, turn_id=turn_id)
+
+    async def _command(
+        self, message: wire.SessionCommandMessage, message_id: str | None
+    ) -> wire.Receipt:
+        key = message.idempotency_key or amqp_source_key(message_id)
+        if key is None:
+            raise wire.BadInput(
+                "invalid_message",
+                "session.command needs an idempotency_key (or an AMQP message_id)",
+                session_id=message.session_id,
+                message_type=message.type,
+            )
+        draft = CommandDraft(
+            session_id=message.session_id, idempotency_key=key, command=message.command
+        )
+        try:
+            admission = await self._store.enqueue_command(draft)
+        except SourceKeyConflict as exc:
+            return self._receipt(
+                message,
+                wire.ReceiptStatus.CONFLICT,
+                error=wire.ErrorInfo(code=exc.code, message=str(exc)),
+            )
+        if admission.status is AdmissionStatus.ADMITTED:
+            self._work(message.session_id)
+            status = wire.ReceiptStatus.ADMITTED
+        else:
+            status = wire.ReceiptStatus.DUPLICATE
+        return self._receipt(message, status, command=wire.CommandRecord.of(admission.command))
+
+    async def read(self, session_id: str, after_seq: int | None = None) -> wire.SessionReadResult:
+        """``session.read``: committed transcript, pending inputs, running turn, events."""
+        view = await self._store.read_session(session_id, after_seq)
+        events = None
+        gap = None
+        if view.events is not None:
+            page = view.events
+            stored = list(page.events)
+            gap = page.gap
+            # The store pages its answer; follow the pages up to the head the view saw.
+            while stored and stored[-1].seq < view.last_seq and len(stored) < MAX_READ_EVENTS:
+                more = await self._store.events_after(session_id, stored[-1].seq)
+                if not more.events:
+                    break
+                stored.extend(more.events)
+            events = [wire.durable_observation(e) for e in stored]
+        return wire.SessionReadResult(
+            session_id=session_id,
+            head_revision=view.head_revision,
+            last_seq=view.last_seq,
+            running_turn_id=view.running_turn_id,
+            messages=[to_transcript(n) for n in view.messages],
+            pending_inputs=[p.public() for p in view.pending_inputs],
+            events=events,
+            gap=gap,
+        )
