@@ -1,0 +1,75 @@
+"""Wake-ups between workers over PostgreSQL ``LISTEN/NOTIFY``.
+
+Writers call ``pg_notify`` inside their transaction, so a wake-up is delivered exactly when
+the change it announces is committed. A listener holds one dedicated autocommit connection
+(outside the pool) and reconnects with capped exponential backoff forever: a missed
+wake-up only delays work, since workers also poll and sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+from pydantic import ValidationError
+
+from lash_core.store.base import Notification
+
+CHANNEL = "lash_events"
+log = logging.getLogger(__name__)
+
+
+def payload(kind: str, session_id: str, turn_id: str | None = None) -> str:
+    """The JSON body of one notification (well under PostgreSQL's 8000-byte limit)."""
+    body: dict[str, Any] = {"kind": kind, "session_id": session_id}
+    if turn_id is not None:
+        body["turn_id"] = turn_id
+    return json.dumps(body, separators=(",", ":"))
+
+
+def parse(raw: str) -> Notification | None:
+    try:
+        return Notification.model_validate(json.loads(raw))
+    except (ValueError, ValidationError):
+        log.warning("ignoring malformed notification %r", raw[:200])
+        return None
+
+
+async def listen(
+    url: str,
+    *,
+    ready: asyncio.Event | None = None,
+    initial_backoff_s: float = 0.1,
+    max_backoff_s: float = 5.0,
+) -> AsyncIterator[Notification]:
+    """Yield notifications forever; ``ready`` is set each time ``LISTEN`` is in place."""
+    backoff = initial_backoff_s
+    while True:
+        try:
+            conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        except (psycopg.Error, OSError) as exc:
+            log.warning("notification listener cannot connect: %s", exc)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+            continue
+        try:
+            await conn.execute(f"LISTEN {CHANNEL}")
+            backoff = initial_backoff_s
+            if ready is not None:
+                ready.set()
+            async for note in conn.notifies():
+                parsed = parse(note.payload)
+                if parsed is not None:
+                    yield parsed
+        except (psycopg.Error, OSError) as exc:
+            log.warning("notification listener lost its connection: %s", exc)
+            if ready is not None:
+                ready.clear()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, max_backoff_s)
+        finally:
+            await conn.close()

@@ -1,0 +1,1569 @@
+"""The PostgreSQL store: every lash_core store operation as one database transaction.
+
+Each guarded operation reads the session's lease row under a lock together with the
+database clock (``transaction_timestamp()`` in milliseconds), lets the pure functions of
+:mod:`lash_core.leases` / :mod:`lash_core.inputs` decide, and writes the result in the same
+transaction. All guarded writes of a session therefore serialise on its lease row; first
+claims of a missing row serialise on a transaction-scoped advisory lock of the session id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from lash_core import inputs as rules
+from lash_core import leases as lease_rules
+from lash_core.claims import (
+    ActiveTurnMode,
+    CommandClaim,
+    NextTurnMode,
+    TurnInputClaim,
+    claim_token,
+    command_claim_id,
+    input_claim_id,
+)
+from lash_core.clock import IdFactory, UuidIds
+from lash_core.commands import CommandDraft, CommandState, QueuedCommand, same_command
+from lash_core.commit import CommitResult, RuntimeCommit
+from lash_core.errors import (
+    HeadRevisionConflict,
+    LashError,
+    LeaseLost,
+    RetryableStoreError,
+    SessionMismatch,
+    SourceKeyConflict,
+    Superseded,
+    TurnCommitConflict,
+)
+from lash_core.events import (
+    CommandApplied,
+    DurableEvent,
+    EventPayload,
+    InputAccepted,
+    InputAdmitted,
+    InputCancelled,
+    TurnCommitted,
+    TurnStarted,
+    session_shard,
+)
+from lash_core.inputs import (
+    CancelResult,
+    CancelTarget,
+    CheckpointKind,
+    InputIdTarget,
+    InputState,
+    NextTurnIngress,
+    PendingTurnInput,
+    RowClaim,
+    SuffixCancelResult,
+    TurnInputDraft,
+)
+from lash_core.leases import DeadCheck, LeaseClaimResult, LeaseFence, LeaseOwner, LeaseRow
+from lash_core.outcomes import Usage
+from lash_core.store.base import (
+    MAX_CLAIM_INPUTS,
+    AdmissionStatus,
+    CommandAdmission,
+    EventPage,
+    InputAdmission,
+    Notification,
+    Residency,
+    SessionState,
+    SessionView,
+    Store,
+    TurnStart,
+    VacuumReport,
+)
+from lash_core.store.postgres import notify
+from lash_core.store.postgres.errors import CAS_SQLSTATES, is_driver_error, sqlstate, translate
+from lash_core.store.postgres.migrate import upgrade_engine
+from lash_core.store.postgres.rows import (
+    COMMAND_COLUMNS,
+    INPUT_COLUMNS,
+    claim_params,
+    command_from_row,
+    dumps,
+    event_from_row,
+    input_from_row,
+    lease_from_json,
+    lease_params,
+    node_from_json,
+)
+from lash_core.store.postgres.tables import ALL_TABLES
+from lash_core.store.postgres.urls import async_url, libpq_url
+from lash_core.transcript import (
+    GraphAppend,
+    GraphReplace,
+    MessageNode,
+    active_path,
+    ingress_message_id,
+    to_transcript,
+)
+
+#: The database clock in epoch milliseconds, fixed for the whole transaction.
+NOW_SQL = "floor(extract(epoch from transaction_timestamp()) * 1000)::bigint"
+LockMode = Literal["", "FOR SHARE", "FOR UPDATE"]
+Note = tuple[str, str | None]  # (kind, turn_id)
+
+_LEASE_UPSERT = text(
+    """
+    INSERT INTO lash_leases (session_id, owner_id, incarnation_id, liveness, lease_token,
+        fencing_token, claimed_at_ms, expires_at_ms, running_turn_id, cancel_requested,
+        cancel_reason)
+    VALUES (:s, :owner_id, :incarnation_id, CAST(:liveness AS jsonb), :lease_token,
+        :fencing_token, :claimed_at_ms, :expires_at_ms, :running_turn_id, :cancel_requested,
+        :cancel_reason)
+    ON CONFLICT (session_id) DO UPDATE SET owner_id = EXCLUDED.owner_id,
+        incarnation_id = EXCLUDED.incarnation_id, liveness = EXCLUDED.liveness,
+        lease_token = EXCLUDED.lease_token, fencing_token = EXCLUDED.fencing_token,
+        claimed_at_ms = EXCLUDED.claimed_at_ms, expires_at_ms = EXCLUDED.expires_at_ms,
+        running_turn_id = EXCLUDED.running_turn_id,
+        cancel_requested = EXCLUDED.cancel_requested, cancel_reason = EXCLUDED.cancel_reason
+    """
+)
+
+_WRITE_INPUTS = text(
+    """
+    UPDATE lash_pending_inputs AS p SET state = v.state, ingress = CAST(v.ingress AS jsonb),
+        terminal_at_ms = v.terminal_at_ms, claim_id = v.claim_id,
+        claim_owner_id = v.owner_id, claim_owner_incarnation_id = v.incarnation_id,
+        claim_owner_liveness = CAST(v.liveness AS jsonb), claim_token = v.claim_token,
+        claim_fencing_token = v.fencing, claim_session_lease_generation = v.generation
+    FROM unnest(CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:ingress AS text[]),
+        CAST(:terminal AS bigint[]), CAST(:claim_ids AS text[]), CAST(:owner_ids AS text[]),
+        CAST(:incarnations AS text[]), CAST(:liveness AS text[]), CAST(:tokens AS text[]),
+        CAST(:fencing AS bigint[]), CAST(:generations AS bigint[]))
+        AS v(input_id, state, ingress, terminal_at_ms, claim_id, owner_id, incarnation_id,
+             liveness, claim_token, fencing, generation)
+    WHERE p.input_id = v.input_id AND p.session_id = :s
+    RETURNING p.input_id
+    """
+)
+
+
+class _Rollback(Exception):
+    """Raised inside a transaction to undo it and return ``None`` to the caller."""
+
+
+class PostgresStore(Store):
+    """:class:`~lash_core.store.base.Store` on PostgreSQL via SQLAlchemy async Core + psycopg 3."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        ids: IdFactory | None = None,
+        pool_size: int = 10,
+        max_overflow: int = 5,
+        lock_timeout_ms: int = 5_000,
+        statement_timeout_ms: int = 30_000,
+        migrate: bool = True,
+    ) -> None:
+        self._url = url
+        self._ids = ids or UuidIds()
+        self._pool_size = pool_size
+        self._max_overflow = max_overflow
+        self._lock_timeout_ms = lock_timeout_ms
+        self._statement_timeout_ms = statement_timeout_ms
+        self._migrate = migrate
+        self._engine: AsyncEngine | None = None
+        self._start_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        async with self._start_lock:
+            if self._engine is not None:
+                return
+            engine = create_async_engine(
+                async_url(self._url),
+                pool_size=self._pool_size,
+                max_overflow=self._max_overflow,
+                pool_recycle=1800,
+                connect_args={
+                    "options": f"-c lock_timeout={self._lock_timeout_ms}"
+                    f" -c statement_timeout={self._statement_timeout_ms}"
+                },
+            )
+            try:
+                if self._migrate:
+                    await upgrade_engine(engine)
+            except BaseException:
+                await engine.dispose()
+                raise
+            self._engine = engine
+
+    async def close(self) -> None:
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            await engine.dispose()
+
+    @asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncConnection]:
+        """One transaction; driver errors leave as lash_core errors, never raw."""
+        if self._engine is None:
+            await self.start()
+        assert self._engine is not None
+        try:
+            async with self._engine.begin() as conn:
+                yield conn
+        except (LashError, _Rollback):
+            raise
+        except Exception as exc:
+            if is_driver_error(exc):
+                raise translate(exc) from exc
+            raise
+
+    async def reset(self) -> None:
+        """Delete every row (tests only)."""
+        names = ", ".join(t.name for t in ALL_TABLES)
+        async with self._tx() as conn:
+            await conn.execute(text(f"TRUNCATE {names}"))
+
+    async def now_ms(self) -> int:
+        async with self._tx() as conn:
+            return int((await conn.execute(text(f"SELECT {NOW_SQL}"))).scalar_one())
+
+    # ------------------------------------------------------------------ helpers
+
+    async def _now_lease(
+        self, conn: AsyncConnection, session_id: str, lock: LockMode = ""
+    ) -> tuple[int, LeaseRow | None]:
+        """The database clock and the session's lease row (locked as asked), in one trip."""
+        row = (
+            await conn.execute(
+                text(
+                    f"SELECT {NOW_SQL} AS now_ms, (SELECT row_to_json(l) FROM lash_leases l "
+                    f"WHERE l.session_id = :s {lock}) AS lease"
+                ),
+                {"s": session_id},
+            )
+        ).one()
+        return int(row.now_ms), lease_from_json(row.lease)
+
+    async def _fenced(
+        self, conn: AsyncConnection, fence: LeaseFence, session_id: str | None = None
+    ) -> tuple[int, LeaseRow]:
+        """Lock the lease row and validate ``fence`` by the database clock."""
+        sid = session_id or fence.session_id
+        if fence.session_id != sid:
+            raise SessionMismatch(f"fence for {fence.session_id!r} used on session {sid!r}")
+        now, lease = await self._now_lease(conn, sid, "FOR UPDATE")
+        return now, lease_rules.validate_fence(lease, fence, sid, now)
+
+    async def _write_lease(self, conn: AsyncConnection, row: LeaseRow) -> None:
+        await conn.execute(_LEASE_UPSERT, lease_params(row))
+
+    async def _write_inputs(
+        self, conn: AsyncConnection, session_id: str, records: Sequence[PendingTurnInput], now: int
+    ) -> int:
+        """Write state, ingress and claim columns of ``records``; returns rows written."""
+        if not records:
+            return 0
+        claims = [claim_params(r.claim) for r in records]
+        result = await conn.execute(
+            _WRITE_INPUTS,
+            {
+                "s": session_id,
+                "ids": [r.input_id for r in records],
+                "states": [r.state.value for r in records],
+                "ingress": [dumps(r.ingress.model_dump(mode="json")) for r in records],
+                "terminal": [now if r.state in rules.TERMINAL_STATES else None for r in records],
+                "claim_ids": [c["claim_id"] for c in claims],
+                "owner_ids": [c["claim_owner_id"] for c in claims],
+                "incarnations": [c["claim_owner_incarnation_id"] for c in claims],
+                "liveness": [c["claim_owner_liveness"] for c in claims],
+                "tokens": [c["claim_token"] for c in claims],
+                "fencing": [r.claim_fencing_token for r in records],
+                "generations": [c["claim_session_lease_generation"] for c in claims],
+            },
+        )
+        return len(result.all())
+
+    async def _append_events(
+        self,
+        conn: AsyncConnection,
+        session_id: str,
+        now: int,
+        payloads: Sequence[EventPayload],
+        notes: Sequence[Note] = (),
+    ) -> list[DurableEvent]:
+        """Allocate the next ``seq`` values on the session row and insert the events."""
+        events: list[DurableEvent] = []
+        if payloads:
+            row = (
+                await conn.execute(
+                    text(
+                        "INSERT INTO lash_sessions (session_id, last_seq, created_at_ms,"
+                        " updated_at_ms) VALUES (:s, :n, :now, :now)"
+                        " ON CONFLICT (session_id) DO UPDATE SET"
+                        " last_seq = lash_sessions.last_seq + :n, updated_at_ms = :now"
+                        " RETURNING last_seq, head_revision"
+                    ),
+                    {"s": session_id, "n": len(payloads), "now": now},
+                )
+            ).one()
+            first = int(row.last_seq) - len(payloads) + 1
+            events = [
+                DurableEvent(
+                    session_id=session_id,
+                    seq=first + i,
+                    revision=int(row.head_revision),
+                    payload=p,
+                    created_at_ms=now,
+                )
+                for i, p in enumerate(payloads)
+            ]
+        await self._insert_events(conn, events, notes, session_id)
+        return events
+
+    async def _insert_events(
+        self,
+        conn: AsyncConnection,
+        events: Sequence[DurableEvent],
+        notes: Sequence[Note],
+        session_id: str,
+    ) -> None:
+        """Insert events and send notifications in one statement (delivered on commit)."""
+        all_notes = list(notes) + ([("events", None)] if events else [])
+        if not events and not all_notes:
+            return
+        params: dict[str, Any] = {"ch": notify.CHANNEL}
+        selects: list[str] = []
+        for i, (kind, turn_id) in enumerate(all_notes):
+            params[f"n{i}"] = notify.payload(kind, session_id, turn_id)
+            selects.append(f"pg_notify(:ch, :n{i})")
+        if not events:
+            await conn.execute(text("SELECT " + ", ".join(selects)), params)
+            return
+        values: list[str] = []
+        for i, ev in enumerate(events):
+            values.append(f"(:s{i}, :q{i}, :r{i}, :t{i}, CAST(:p{i} AS jsonb), :c{i}, :h{i})")
+            params.update(
+                {
+                    f"s{i}": ev.session_id,
+                    f"q{i}": ev.seq,
+                    f"r{i}": ev.revision,
+                    f"t{i}": ev.type,
+                    f"p{i}": dumps(ev.payload.model_dump(mode="json")),
+                    f"c{i}": ev.created_at_ms,
+                    f"h{i}": session_shard(ev.session_id),
+                }
+            )
+        await conn.execute(
+            text(
+                "WITH ins AS (INSERT INTO lash_events (session_id, seq, revision, type, payload,"
+                " created_at_ms, shard) VALUES " + ", ".join(values) + " RETURNING 1) "
+                "SELECT (SELECT count(*) FROM ins), " + ", ".join(selects)
+            ),
+            params,
+        )
+
+    async def _inputs(
+        self, conn: AsyncConnection, where: str, params: dict[str, Any], suffix: str = ""
+    ) -> list[PendingTurnInput]:
+        rows = await conn.execute(
+            text(
+                f"SELECT {INPUT_COLUMNS} FROM lash_pending_inputs WHERE {where} "
+                f"ORDER BY enqueue_seq {suffix}"
+            ),
+            params,
+        )
+        return [input_from_row(r._mapping) for r in rows]
+
+    # ------------------------------------------------------------------ admission
+
+    async def enqueue_input(self, draft: TurnInputDraft) -> InputAdmission:
+        sid = draft.session_id
+        input_id = draft.input_id or self._ids.new_id("ti_")
+        async with self._tx() as conn:
+            now, lease = await self._now_lease(conn, sid, "FOR SHARE")
+            running = lease.running_turn_id if lease and lease.is_live(now) else None
+            ingress = rules.admitted_ingress(draft.ingress, running)
+            inserted = (
+                await conn.execute(
+                    text(
+                        f"""
+                        WITH ins AS (
+                            INSERT INTO lash_pending_inputs (input_id, session_id, source_key,
+                                ingress, submitted_ingress, state, input, enqueued_at_ms)
+                            VALUES (:id, :s, :key, CAST(:ingress AS jsonb),
+                                CAST(:submitted AS jsonb), :state, CAST(:input AS jsonb), :now)
+                            ON CONFLICT DO NOTHING
+                            RETURNING {INPUT_COLUMNS}),
+                        ses AS (
+                            INSERT INTO lash_sessions (session_id, last_seq, created_at_ms,
+                                updated_at_ms)
+                            SELECT :s, 1, :now, :now FROM ins
+                            ON CONFLICT (session_id) DO UPDATE SET
+                                last_seq = lash_sessions.last_seq + 1, updated_at_ms = :now
+                            RETURNING last_seq, head_revision)
+                        SELECT ins.*, ses.last_seq AS ev_seq, ses.head_revision AS ev_revision
+                        FROM ins CROSS JOIN ses
+                        """
+                    ),
+                    {
+                        "id": input_id,
+                        "s": sid,
+                        "key": draft.source_key,
+                        "ingress": dumps(ingress.model_dump(mode="json")),
+                        "submitted": dumps(draft.ingress.model_dump(mode="json")),
+                        "state": rules.initial_state(ingress).value,
+                        "input": dumps(draft.input.model_dump(mode="json")),
+                        "now": now,
+                    },
+                )
+            ).one_or_none()
+            if inserted is None:
+                return await self._existing_admission(conn, draft, input_id)
+            record = input_from_row(inserted._mapping)
+            event = DurableEvent(
+                session_id=sid,
+                seq=int(inserted.ev_seq),
+                revision=int(inserted.ev_revision),
+                payload=InputAdmitted(input=record.public()),
+                created_at_ms=now,
+            )
+            await self._insert_events(conn, [event], [("work", None)], sid)
+            return InputAdmission(status=AdmissionStatus.ADMITTED, record=record, event=event)
+
+    async def _existing_admission(
+        self, conn: AsyncConnection, draft: TurnInputDraft, input_id: str
+    ) -> InputAdmission:
+        """Resolve an insert that hit a unique key: an idempotent replay or a conflict."""
+        sid = draft.session_id
+        found = await self._inputs(
+            conn,
+            "(session_id = :s AND source_key = :key) OR input_id = :id",
+            {"s": sid, "key": draft.source_key, "id": input_id},
+        )
+        by_key = [r for r in found if r.session_id == sid and r.source_key == draft.source_key]
+        existing = by_key[0] if draft.source_key is not None and by_key else None
+        if existing is None:
+            existing = next((r for r in found if r.input_id == input_id), None)
+        if existing is None:
+            raise RetryableStoreError(f"admission of {input_id!r} raced a concurrent delete")
+        if existing.session_id == sid and rules.same_content(draft, existing):
+            return InputAdmission(status=AdmissionStatus.DUPLICATE, record=existing)
+        raise SourceKeyConflict(sid, draft.source_key or input_id, existing.input_id)
+
+    async def get_input(self, session_id: str, input_id: str) -> PendingTurnInput | None:
+        async with self._tx() as conn:
+            found = await self._inputs(
+                conn, "session_id = :s AND input_id = :id", {"s": session_id, "id": input_id}
+            )
+        return found[0] if found else None
+
+    async def list_inputs(self, session_id: str) -> list[PendingTurnInput]:
+        async with self._tx() as conn:
+            return await self._inputs(conn, "session_id = :s", {"s": session_id})
+
+    async def list_pending_inputs(self, session_id: str) -> list[PendingTurnInput]:
+        async with self._tx() as conn:
+            return await self._pending_inputs(conn, session_id)
+
+    async def _pending_inputs(
+        self, conn: AsyncConnection, session_id: str
+    ) -> list[PendingTurnInput]:
+        now, lease = await self._now_lease(conn, session_id)
+        rows = await self._inputs(
+            conn,
+            "session_id = :s AND state IN ('pending_active', 'deferred_next_turn')",
+            {"s": session_id},
+        )
+        return [r for r in rows if not rules.claim_is_live(r.claim, lease, now)]
+
+    async def cancel_inputs(
+        self, session_id: str, targets: Sequence[CancelTarget]
+    ) -> list[CancelResult]:
+        async with self._tx() as conn:
+            now, lease = await self._now_lease(conn, session_id, "FOR SHARE")
+            ids = [t.value for t in targets if isinstance(t, InputIdTarget)]
+            keys = [t.value for t in targets if not isinstance(t, InputIdTarget)]
+            rows = await self._inputs(
+                conn,
+                "session_id = :s AND (input_id = ANY(:ids) OR source_key = ANY(:keys))",
+                {"s": session_id, "ids": ids, "keys": keys},
+                "FOR UPDATE",
+            )
+            results, changed = self._apply_cancels(targets, rows, lease, now)
+            await self._finish_cancel(conn, session_id, changed, now)
+            return results
+
+    def _apply_cancels(
+        self,
+        targets: Sequence[CancelTarget],
+        rows: list[PendingTurnInput],
+        lease: LeaseRow | None,
+        now: int,
+    ) -> tuple[list[CancelResult], list[PendingTurnInput]]:
+        """Decide each target in order against the rows as earlier targets left them."""
+        current = {r.input_id: r for r in rows}
+        changed: dict[str, PendingTurnInput] = {}
+        results: list[CancelResult] = []
+        for target in targets:
+            record = next((r for r in current.values() if rules.target_matches(target, r)), None)
+            outcome = rules.cancel_decision(
+                record, record is not None and rules.claim_is_live(record.claim, lease, now)
+            )
+            if outcome is rules.CancelOutcomeKind.CANCELLED and record is not None:
+                record = record.model_copy(update={"state": InputState.CANCELLED, "claim": None})
+                current[record.input_id] = record
+                changed[record.input_id] = record
+            results.append(
+                CancelResult(
+                    target=target,
+                    outcome=outcome,
+                    input=record.public() if record else None,
+                    claim=rules.claim_diagnostics(record) if record else None,
+                )
+            )
+        return results, list(changed.values())
+
+    async def _finish_cancel(
+        self, conn: AsyncConnection, session_id: str, changed: list[PendingTurnInput], now: int
+    ) -> None:
+        if not changed:
+            return
+        await self._write_inputs(conn, session_id, changed, now)
+        await self._append_events(
+            conn, session_id, now, [InputCancelled(input_ids=[r.input_id for r in changed])]
+        )
+
+    async def cancel_input_suffix(
+        self, session_id: str, anchor: CancelTarget
+    ) -> SuffixCancelResult:
+        async with self._tx() as conn:
+            now, lease = await self._now_lease(conn, session_id, "FOR SHARE")
+            column = "input_id" if isinstance(anchor, InputIdTarget) else "source_key"
+            rows = await self._inputs(
+                conn,
+                f"session_id = :s AND enqueue_seq >= (SELECT enqueue_seq FROM "
+                f"lash_pending_inputs WHERE session_id = :s AND {column} = :v)",
+                {"s": session_id, "v": anchor.value},
+                "FOR UPDATE",
+            )
+            if not rows:
+                return SuffixCancelResult(anchor=anchor, anchor_found=False)
+            targets: list[CancelTarget] = [InputIdTarget(value=r.input_id) for r in rows]
+            results, changed = self._apply_cancels(targets, rows, lease, now)
+            await self._finish_cancel(conn, session_id, changed, now)
+            return SuffixCancelResult(anchor=anchor, anchor_found=True, results=results)
+
+    async def abandon_input_claim(self, claim: TurnInputClaim) -> None:
+        async with self._tx() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE lash_pending_inputs SET state = CASE WHEN state = 'accepted'"
+                    " THEN 'pending_active' ELSE state END, claim_id = NULL,"
+                    " claim_owner_id = NULL, claim_owner_incarnation_id = NULL,"
+                    " claim_owner_liveness = NULL, claim_token = NULL,"
+                    " claim_session_lease_generation = 0"
+                    " WHERE session_id = :s AND claim_id = :c AND claim_token = :t"
+                ),
+                {"s": claim.session_id, "c": claim.claim_id, "t": claim.claim_token},
+            )
+
+    # ------------------------------------------------------------------ leases
+
+    async def try_claim_lease(
+        self, session_id: str, owner: LeaseOwner, ttl_ms: int
+    ) -> LeaseClaimResult:
+        return await self._claim_lease(session_id, owner, ttl_ms, None, None)
+
+    async def reclaim_lease(
+        self,
+        session_id: str,
+        owner: LeaseOwner,
+        observed_holder: LeaseFence,
+        ttl_ms: int,
+        holder_is_dead: DeadCheck | None = None,
+    ) -> LeaseClaimResult:
+        check = holder_is_dead or lease_rules.holder_is_definitely_dead
+        return await self._claim_lease(session_id, owner, ttl_ms, observed_holder, check)
+
+    async def _claim_lease(
+        self,
+        session_id: str,
+        owner: LeaseOwner,
+        ttl_ms: int,
+        observed: LeaseFence | None,
+        dead: DeadCheck | None,
+    ) -> LeaseClaimResult:
+        async with self._tx() as conn:
+            # The advisory lock makes the first claim of a missing row safe: the loser
+            # waits, then reads the winner's committed row in its next statement.
+            await conn.execute(
+                text("SELECT pg_advisory_xact_lock(hashtextextended(:s, 0))"), {"s": session_id}
+            )
+            now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
+            if observed is None or dead is None:
+                decision = lease_rules.decide_try_claim(row, session_id, owner, now, ttl_ms)
+            else:
+                decision = lease_rules.decide_reclaim(
+                    row, session_id, owner, observed, now, ttl_ms, dead
+                )
+            if decision.write is not None:
+                await self._write_lease(conn, decision.write)
+            return decision.result
+
+    async def renew_lease(self, fence: LeaseFence, ttl_ms: int) -> LeaseRow:
+        async with self._tx() as conn:
+            now, row = await self._now_lease(conn, fence.session_id, "FOR UPDATE")
+            new = lease_rules.decide_renew(row, fence, now, ttl_ms)
+            await conn.execute(
+                text("UPDATE lash_leases SET expires_at_ms = :e WHERE session_id = :s"),
+                {"e": new.expires_at_ms, "s": fence.session_id},
+            )
+            return new
+
+    async def release_lease(self, fence: LeaseFence) -> None:
+        async with self._tx() as conn:
+            _, row = await self._now_lease(conn, fence.session_id, "FOR UPDATE")
+            await self._release(conn, row, fence)
+
+    async def _release(
+        self, conn: AsyncConnection, row: LeaseRow | None, fence: LeaseFence
+    ) -> bool:
+        new = lease_rules.decide_release(row, fence)
+        if new is None:
+            return False
+        await self._write_lease(conn, new)
+        await self._insert_events(conn, [], [("work", None)], fence.session_id)
+        return True
+
+    async def read_lease(self, session_id: str) -> LeaseRow | None:
+        async with self._tx() as conn:
+            return (await self._now_lease(conn, session_id))[1]
+
+    # ------------------------------------------------------------------ claims
+
+    def _claim_rows(
+        self,
+        chosen: list[PendingTurnInput],
+        fence: LeaseFence,
+        owner: LeaseOwner,
+        now: int,
+        state: InputState | None,
+    ) -> tuple[str, str, int, list[PendingTurnInput]]:
+        """Claim identity (§3.4) and the claimed rows as they are to be written."""
+        head = chosen[0]
+        fencing = head.claim_fencing_token + 1
+        cid = input_claim_id(head.enqueue_seq, fencing)
+        token = claim_token(fence.session_id, owner, cid, now)
+        row_claim = RowClaim(
+            claim_id=cid,
+            owner=owner,
+            claim_token=token,
+            session_lease_generation=fence.fencing_token,
+        )
+        written = [
+            r.model_copy(
+                update={
+                    "claim": row_claim,
+                    "claim_fencing_token": r.claim_fencing_token + 1,
+                    "state": state or r.state,
+                }
+            )
+            for r in chosen
+        ]
+        return cid, token, fencing, written
+
+    async def _claim_next_turn(
+        self,
+        conn: AsyncConnection,
+        fence: LeaseFence,
+        owner: LeaseOwner,
+        now: int,
+        max_inputs: int,
+        overrides: dict[str, PendingTurnInput] | None = None,
+    ) -> TurnInputClaim | None:
+        rows = (
+            await self._inputs(
+                conn,
+                "session_id = :s AND state = 'deferred_next_turn'"
+                " AND (claim_token IS NULL OR claim_session_lease_generation <> :g)",
+                {"s": fence.session_id, "g": fence.fencing_token, "n": max_inputs},
+                "LIMIT :n FOR UPDATE SKIP LOCKED",
+            )
+            if max_inputs > 0
+            else []
+        )
+        return await self._finish_next_turn(conn, fence, owner, now, max_inputs, rows, overrides)
+
+    async def _finish_next_turn(
+        self,
+        conn: AsyncConnection,
+        fence: LeaseFence,
+        owner: LeaseOwner,
+        now: int,
+        max_inputs: int,
+        rows: list[PendingTurnInput],
+        overrides: dict[str, PendingTurnInput] | None,
+    ) -> TurnInputClaim | None:
+        merged = {r.input_id: r for r in rows}
+        merged.update(overrides or {})
+        chosen = rules.select_next_turn_claim(
+            merged.values(), generation=fence.fencing_token, max_inputs=max_inputs
+        )
+        if not chosen:
+            return None
+        cid, token, fencing, written = self._claim_rows(chosen, fence, owner, now, None)
+        if await self._write_inputs(conn, fence.session_id, written, now) != len(written):
+            raise _Rollback
+        return TurnInputClaim(
+            session_id=fence.session_id,
+            claim_id=cid,
+            owner=owner,
+            claim_token=token,
+            fencing_token=fencing,
+            session_lease_generation=fence.fencing_token,
+            mode=NextTurnMode(),
+            inputs=written,
+        )
+
+    async def start_turn(
+        self,
+        fence: LeaseFence,
+        turn_id: str,
+        *,
+        claim_next_turn_inputs: bool = True,
+        require_inputs: bool = True,
+        max_inputs: int = MAX_CLAIM_INPUTS,
+    ) -> TurnStart | None:
+        sid = fence.session_id
+        try:
+            async with self._tx() as conn:
+                now, lease = await self._fenced(conn, fence)
+                open_rows = await self._inputs(
+                    conn,
+                    "session_id = :s AND state IN"
+                    " ('accepted', 'pending_active', 'deferred_next_turn')",
+                    {"s": sid},
+                    "FOR UPDATE SKIP LOCKED",
+                )
+                resolved = await self._resolve_orphans(conn, sid, fence.fencing_token, open_rows)
+                claim = None
+                if claim_next_turn_inputs:
+                    claim = await self._finish_next_turn(
+                        conn,
+                        fence,
+                        fence.owner,
+                        now,
+                        max_inputs,
+                        open_rows,
+                        {r.input_id: r for r in resolved},
+                    )
+                if require_inputs and claim is None:
+                    raise _Rollback
+                claimed = {r.input_id for r in claim.inputs} if claim else set()
+                await self._write_inputs(
+                    conn, sid, [r for r in resolved if r.input_id not in claimed], now
+                )
+                await self._write_lease(
+                    conn,
+                    lease.model_copy(
+                        update={
+                            "running_turn_id": turn_id,
+                            "cancel_requested": False,
+                            "cancel_reason": None,
+                        }
+                    ),
+                )
+                (event,) = await self._append_events(
+                    conn,
+                    sid,
+                    now,
+                    [
+                        TurnStarted(
+                            turn_id=turn_id,
+                            input_ids=[r.input_id for r in claim.inputs] if claim else [],
+                            lease_generation=fence.fencing_token,
+                        )
+                    ],
+                )
+                return TurnStart(
+                    session_id=sid,
+                    turn_id=turn_id,
+                    lease_generation=fence.fencing_token,
+                    claim=claim,
+                    resolved_input_ids=[r.input_id for r in resolved],
+                    event=event,
+                )
+        except _Rollback:
+            return None
+
+    async def _resolve_orphans(
+        self,
+        conn: AsyncConnection,
+        session_id: str,
+        generation: int,
+        rows: list[PendingTurnInput],
+    ) -> list[PendingTurnInput]:
+        """Input left by a dead generation, as it must be rewritten (not yet written)."""
+        accepted = {
+            r.input_id
+            for r in rows
+            if r.state is InputState.ACCEPTED
+            and (r.claim is None or r.claim.session_lease_generation != generation)
+        }
+        committed: set[str] = set()
+        if accepted:
+            found = await conn.execute(
+                text("SELECT node_id FROM lash_nodes WHERE session_id = :s AND node_id = ANY(:n)"),
+                {"s": session_id, "n": [ingress_message_id(i) for i in accepted]},
+            )
+            committed = {row.node_id for row in found}
+        out: list[PendingTurnInput] = []
+        for r in rows:
+            if r.input_id in accepted and ingress_message_id(r.input_id) in committed:
+                out.append(r.model_copy(update={"state": InputState.COMPLETED, "claim": None}))
+            elif r.input_id in accepted or r.state is InputState.PENDING_ACTIVE:
+                out.append(
+                    r.model_copy(
+                        update={
+                            "state": InputState.DEFERRED_NEXT_TURN,
+                            "ingress": NextTurnIngress(),
+                            "claim": None,
+                        }
+                    )
+                )
+        return out
+
+    async def claim_next_turn_inputs(
+        self, fence: LeaseFence, owner: LeaseOwner, max_inputs: int = MAX_CLAIM_INPUTS
+    ) -> TurnInputClaim | None:
+        try:
+            async with self._tx() as conn:
+                now, _ = await self._fenced(conn, fence)
+                return await self._claim_next_turn(conn, fence, owner, now, max_inputs)
+        except _Rollback:
+            return None
+
+    async def claim_active_turn_inputs(
+        self,
+        fence: LeaseFence,
+        owner: LeaseOwner,
+        turn_id: str,
+        checkpoint: CheckpointKind,
+        max_inputs: int = MAX_CLAIM_INPUTS,
+    ) -> TurnInputClaim | None:
+        sid = fence.session_id
+        try:
+            async with self._tx() as conn:
+                now, _ = await self._fenced(conn, fence)
+                rows = await self._active_candidates(conn, sid, turn_id, "FOR UPDATE SKIP LOCKED")
+                chosen = rules.select_active_claim(
+                    rows,
+                    turn_id=turn_id,
+                    checkpoint=checkpoint,
+                    generation=fence.fencing_token,
+                    max_inputs=max_inputs,
+                )
+                if not chosen:
+                    return None
+                cid, token, fencing, written = self._claim_rows(
+                    chosen, fence, owner, now, InputState.ACCEPTED
+                )
+                if await self._write_inputs(conn, sid, written, now) != len(written):
+                    raise _Rollback
+                ids = [r.input_id for r in written]
+                await self._append_events(
+                    conn, sid, now, [InputAccepted(turn_id=turn_id, input_ids=ids)]
+                )
+                return TurnInputClaim(
+                    session_id=sid,
+                    claim_id=cid,
+                    owner=owner,
+                    claim_token=token,
+                    fencing_token=fencing,
+                    session_lease_generation=fence.fencing_token,
+                    mode=ActiveTurnMode(turn_id=turn_id, checkpoint=checkpoint),
+                    inputs=written,
+                )
+        except _Rollback:
+            return None
+
+    async def _active_candidates(
+        self, conn: AsyncConnection, session_id: str, turn_id: str, lock: str = ""
+    ) -> list[PendingTurnInput]:
+        return await self._inputs(
+            conn,
+            "session_id = :s AND state = 'pending_active' AND ingress->>'turn_id' = :t",
+            {"s": session_id, "t": turn_id},
+            lock,
+        )
+
+    async def has_active_input(
+        self, session_id: str, turn_id: str, checkpoint: CheckpointKind
+    ) -> bool:
+        async with self._tx() as conn:
+            _, lease = await self._now_lease(conn, session_id)
+            rows = await self._active_candidates(conn, session_id, turn_id)
+        generation = lease.fencing_token if lease else 0
+        return bool(
+            rules.select_active_claim(
+                rows, turn_id=turn_id, checkpoint=checkpoint, generation=generation, max_inputs=1
+            )
+        )
+
+    # ------------------------------------------------------------------ commands
+
+    async def _commands(
+        self, conn: AsyncConnection, where: str, params: dict[str, Any], suffix: str = ""
+    ) -> list[QueuedCommand]:
+        rows = await conn.execute(
+            text(
+                f"SELECT {COMMAND_COLUMNS} FROM lash_session_commands WHERE {where} "
+                f"ORDER BY enqueue_seq {suffix}"
+            ),
+            params,
+        )
+        return [command_from_row(r._mapping) for r in rows]
+
+    async def enqueue_command(self, draft: CommandDraft) -> CommandAdmission:
+        sid = draft.session_id
+        async with self._tx() as conn:
+            inserted = (
+                await conn.execute(
+                    text(
+                        f"""
+                        WITH ins AS (
+                            INSERT INTO lash_session_commands (batch_id, session_id, source_key,
+                                command, state, enqueued_at_ms)
+                            VALUES (:id, :s, :key, CAST(:command AS jsonb), 'pending', {NOW_SQL})
+                            ON CONFLICT DO NOTHING
+                            RETURNING {COMMAND_COLUMNS}),
+                        ses AS (
+                            INSERT INTO lash_sessions (session_id, created_at_ms, updated_at_ms)
+                            SELECT :s, enqueued_at_ms, enqueued_at_ms FROM ins
+                            ON CONFLICT (session_id) DO NOTHING)
+                        SELECT * FROM ins
+                        """
+                    ),
+                    {
+                        "id": self._ids.new_id("qwb_"),
+                        "s": sid,
+                        "key": draft.source_key,
+                        "command": dumps(draft.command.model_dump(mode="json")),
+                    },
+                )
+            ).one_or_none()
+            if inserted is not None:
+                await self._insert_events(conn, [], [("work", None)], sid)
+                return CommandAdmission(
+                    status=AdmissionStatus.ADMITTED, command=command_from_row(inserted._mapping)
+                )
+            found = await self._commands(
+                conn, "session_id = :s AND source_key = :key", {"s": sid, "key": draft.source_key}
+            )
+            if not found:
+                raise RetryableStoreError("command admission raced a concurrent delete")
+            if same_command(draft, found[0]):
+                return CommandAdmission(status=AdmissionStatus.DUPLICATE, command=found[0])
+            raise SourceKeyConflict(sid, draft.source_key, found[0].batch_id)
+
+    async def list_commands(
+        self, session_id: str, *, pending_only: bool = False
+    ) -> list[QueuedCommand]:
+        async with self._tx() as conn:
+            if not pending_only:
+                return await self._commands(conn, "session_id = :s", {"s": session_id})
+            now, lease = await self._now_lease(conn, session_id)
+            rows = await self._commands(
+                conn, "session_id = :s AND state = 'pending'", {"s": session_id}
+            )
+        return [c for c in rows if not rules.claim_is_live(c.claim, lease, now)]
+
+    async def cancel_command(self, session_id: str, batch_id: str) -> QueuedCommand | None:
+        async with self._tx() as conn:
+            now, lease = await self._now_lease(conn, session_id, "FOR SHARE")
+            found = await self._commands(
+                conn,
+                "session_id = :s AND batch_id = :b",
+                {"s": session_id, "b": batch_id},
+                "FOR UPDATE",
+            )
+            if not found:
+                return None
+            cmd = found[0]
+            if cmd.state is not CommandState.PENDING or rules.claim_is_live(cmd.claim, lease, now):
+                return None
+            await conn.execute(
+                text(
+                    "UPDATE lash_session_commands SET state = 'cancelled', terminal_at_ms = :now"
+                    " WHERE batch_id = :b"
+                ),
+                {"now": now, "b": batch_id},
+            )
+            return cmd.model_copy(update={"state": CommandState.CANCELLED})
+
+    async def claim_leading_command(
+        self, fence: LeaseFence, owner: LeaseOwner
+    ) -> CommandClaim | None:
+        sid = fence.session_id
+        async with self._tx() as conn:
+            now, _ = await self._fenced(conn, fence)
+            row = (
+                await conn.execute(
+                    text(
+                        f"""
+                        SELECT {COMMAND_COLUMNS}, (
+                            SELECT min(i.enqueue_seq) FROM lash_pending_inputs i
+                            WHERE i.session_id = :s AND i.state = 'deferred_next_turn'
+                              AND (i.claim_token IS NULL
+                                   OR i.claim_session_lease_generation <> :g)) AS first_input
+                        FROM lash_session_commands
+                        WHERE session_id = :s AND state = 'pending'
+                          AND (claim_token IS NULL OR claim_session_lease_generation <> :g)
+                        ORDER BY enqueue_seq LIMIT 1 FOR UPDATE SKIP LOCKED
+                        """
+                    ),
+                    {"s": sid, "g": fence.fencing_token},
+                )
+            ).one_or_none()
+            if row is None:
+                return None
+            cmd = command_from_row(row._mapping)
+            if row.first_input is not None and row.first_input < cmd.enqueue_seq:
+                return None
+            fencing = cmd.claim_fencing_token + 1
+            cid = command_claim_id(cmd.enqueue_seq, fencing)
+            token = claim_token(sid, owner, cid, now)
+            row_claim = RowClaim(
+                claim_id=cid,
+                owner=owner,
+                claim_token=token,
+                session_lease_generation=fence.fencing_token,
+            )
+            params = claim_params(row_claim)
+            await conn.execute(
+                text(
+                    "UPDATE lash_session_commands SET claim_id = :claim_id,"
+                    " claim_owner_id = :claim_owner_id,"
+                    " claim_owner_incarnation_id = :claim_owner_incarnation_id,"
+                    " claim_owner_liveness = CAST(:claim_owner_liveness AS jsonb),"
+                    " claim_token = :claim_token, claim_fencing_token = :fencing,"
+                    " claim_session_lease_generation = :claim_session_lease_generation"
+                    " WHERE batch_id = :b"
+                ),
+                {**params, "fencing": fencing, "b": cmd.batch_id},
+            )
+            claimed = cmd.model_copy(update={"claim": row_claim, "claim_fencing_token": fencing})
+            return CommandClaim(
+                session_id=sid,
+                claim_id=cid,
+                owner=owner,
+                claim_token=token,
+                fencing_token=fencing,
+                session_lease_generation=fence.fencing_token,
+                command=claimed,
+            )
+
+    # ------------------------------------------------------------------ commit
+
+    async def commit(self, commit: RuntimeCommit) -> CommitResult:
+        seen_head: list[int] = []
+        try:
+            async with self._tx() as conn:
+                return await self._commit(conn, commit, seen_head)
+        except RetryableStoreError as exc:
+            cause = exc.__cause__
+            if cause is not None and sqlstate(cause) in CAS_SQLSTATES:
+                actual = seen_head[0] if seen_head else -1
+                raise HeadRevisionConflict(
+                    commit.session_id, commit.expected_head_revision, actual
+                ) from exc
+            raise
+
+    async def _commit(
+        self, conn: AsyncConnection, commit: RuntimeCommit, seen_head: list[int]
+    ) -> CommitResult:
+        sid = commit.session_id
+        if commit.fence is not None and commit.fence.session_id != sid:
+            raise SessionMismatch(f"fence for {commit.fence.session_id!r} used on session {sid!r}")
+        for ic in commit.completed_input_claims:
+            if ic.session_id != sid:
+                raise Superseded(sid, ic.claim_id, "turn_input")
+        for cc in commit.completed_command_claims:
+            if cc.session_id != sid:
+                raise Superseded(sid, cc.claim_id, "command")
+        commit_hash = commit.commit_hash() if commit.turn else None
+        if commit.turn is not None:
+            stamp = (
+                await conn.execute(
+                    text(
+                        "SELECT turn_commit_hash, result FROM lash_turn_commits"
+                        " WHERE session_id = :s AND turn_id = :t"
+                    ),
+                    {"s": sid, "t": commit.turn.turn_id},
+                )
+            ).one_or_none()
+            if stamp is not None:
+                if stamp.turn_commit_hash != commit_hash:
+                    raise TurnCommitConflict(sid, commit.turn.turn_id)
+                if commit.release_lease and commit.fence is not None:
+                    _, row = await self._now_lease(conn, sid, "FOR UPDATE")
+                    await self._release(conn, row, commit.fence)
+                stored = CommitResult.model_validate(stamp.result)
+                return stored.model_copy(update={"replayed": True})
+        if commit.fence is None:
+            raise LeaseLost(sid, "commit without a lease fence")
+        head_row = (
+            await conn.execute(
+                text(
+                    f"SELECT {NOW_SQL} AS now_ms,"
+                    " (SELECT row_to_json(l) FROM lash_leases l WHERE l.session_id = :s"
+                    "  FOR UPDATE) AS lease,"
+                    " (SELECT row_to_json(x) FROM (SELECT head_revision, last_seq, usage"
+                    "  FROM lash_sessions WHERE session_id = :s FOR UPDATE) x) AS session"
+                ),
+                {"s": sid},
+            )
+        ).one()
+        now = int(head_row.now_ms)
+        lease = lease_rules.validate_fence(lease_from_json(head_row.lease), commit.fence, sid, now)
+        session = head_row.session
+        head = int(session["head_revision"]) if session else 0
+        seen_head.append(head)
+        if commit.expected_head_revision is not None and commit.expected_head_revision != head:
+            raise HeadRevisionConflict(sid, commit.expected_head_revision, head)
+        await self._validate_completions(conn, commit)
+
+        new_head = head + 1
+        appended: list[MessageNode] = []
+        leaf_sql = "leaf_node_id"
+        params: dict[str, Any] = {"s": sid, "now": now, "head": new_head}
+        if isinstance(commit.graph, GraphReplace):
+            await conn.execute(text("DELETE FROM lash_nodes WHERE session_id = :s"), {"s": sid})
+        if isinstance(commit.graph, GraphAppend | GraphReplace):
+            appended = list(commit.graph.nodes)
+            leaf_sql = ":leaf"
+            params["leaf"] = commit.graph.leaf_node_id
+            await self._upsert_nodes(conn, sid, new_head, appended)
+        usage = Usage.model_validate(session["usage"]) if session else Usage()
+        if commit.usage is not None:
+            usage = usage + commit.usage
+        params.update(
+            {
+                "config": dumps(commit.config.model_dump(mode="json")) if commit.config else None,
+                "checkpoint": dumps(commit.checkpoint) if commit.checkpoint is not None else None,
+                "usage": dumps(usage.model_dump(mode="json")),
+            }
+        )
+
+        input_ids = [i for c in commit.completed_input_claims for i in c.input_ids]
+        batch_ids = [b for c in commit.completed_command_claims for b in c.batch_ids]
+        deferred = await self._complete_and_defer(conn, commit, input_ids, batch_ids, now)
+
+        payloads: list[EventPayload] = []
+        if commit.applied_command is not None:
+            payloads.append(CommandApplied(command=commit.applied_command))
+        if commit.turn is not None:
+            payloads.append(
+                TurnCommitted(
+                    turn_id=commit.turn.turn_id,
+                    outcome=commit.turn.outcome,
+                    messages=[to_transcript(n) for n in appended],
+                    usage=commit.turn.usage,
+                    input_ids=input_ids,
+                    deferred_input_ids=deferred,
+                )
+            )
+        params["n"] = len(payloads)
+        ses = (
+            await conn.execute(
+                text(
+                    f"""
+                    INSERT INTO lash_sessions (session_id, head_revision, last_seq, leaf_node_id,
+                        config, checkpoint, usage, created_at_ms, updated_at_ms)
+                    VALUES (:s, :head, :n, {":leaf" if leaf_sql != "leaf_node_id" else "NULL"},
+                        CAST(:config AS jsonb), CAST(:checkpoint AS jsonb),
+                        CAST(:usage AS jsonb), :now, :now)
+                    ON CONFLICT (session_id) DO UPDATE SET head_revision = :head,
+                        last_seq = lash_sessions.last_seq + :n,
+                        leaf_node_id = {
+                        leaf_sql if leaf_sql != "leaf_node_id" else "lash_sessions.leaf_node_id"
+                    },
+                        config = COALESCE(CAST(:config AS jsonb), lash_sessions.config),
+                        checkpoint = COALESCE(CAST(:checkpoint AS jsonb),
+                                              lash_sessions.checkpoint),
+                        usage = CAST(:usage AS jsonb), updated_at_ms = :now
+                    RETURNING last_seq
+                    """
+                ),
+                params,
+            )
+        ).one()
+        first = int(ses.last_seq) - len(payloads) + 1
+        events = [
+            DurableEvent(
+                session_id=sid, seq=first + i, revision=new_head, payload=p, created_at_ms=now
+            )
+            for i, p in enumerate(payloads)
+        ]
+        result = CommitResult(
+            session_id=sid, head_revision=new_head, events=events, deferred_input_ids=deferred
+        )
+        if commit.turn is not None:
+            lease = lease.model_copy(
+                update={"running_turn_id": None, "cancel_requested": False, "cancel_reason": None}
+            )
+            await conn.execute(
+                text(
+                    "INSERT INTO lash_turn_commits (session_id, turn_id, turn_commit_hash,"
+                    " result, committed_at_ms) VALUES (:s, :t, :h, CAST(:r AS jsonb), :now)"
+                ),
+                {
+                    "s": sid,
+                    "t": commit.turn.turn_id,
+                    "h": commit_hash,
+                    "r": dumps(result.model_dump(mode="json")),
+                    "now": now,
+                },
+            )
+        released = lease_rules.decide_release(lease, commit.fence) if commit.release_lease else None
+        if released is not None or commit.turn is not None:
+            await self._write_lease(conn, released or lease)
+        notes: list[Note] = []
+        if deferred or released is not None:
+            notes.append(("work", None))
+        await self._insert_events(conn, events, notes, sid)
+        return result
+
+    async def _validate_completions(self, conn: AsyncConnection, commit: RuntimeCommit) -> None:
+        """Every completed row must still carry its claim's id and token (§3.5)."""
+        sid = commit.session_id
+        if commit.completed_input_claims:
+            rows = await conn.execute(
+                text(
+                    "SELECT input_id, claim_id, claim_token FROM lash_pending_inputs"
+                    " WHERE session_id = :s AND input_id = ANY(:ids) FOR UPDATE"
+                ),
+                {"s": sid, "ids": [i for c in commit.completed_input_claims for i in c.input_ids]},
+            )
+            owned = {r.input_id: (r.claim_id, r.claim_token) for r in rows}
+            for ic in commit.completed_input_claims:
+                for input_id in ic.input_ids:
+                    if owned.get(input_id) != (ic.claim_id, ic.claim_token):
+                        raise Superseded(sid, ic.claim_id, "turn_input")
+        if commit.completed_command_claims:
+            rows = await conn.execute(
+                text(
+                    "SELECT batch_id, claim_id, claim_token FROM lash_session_commands"
+                    " WHERE session_id = :s AND batch_id = ANY(:ids) FOR UPDATE"
+                ),
+                {
+                    "s": sid,
+                    "ids": [b for c in commit.completed_command_claims for b in c.batch_ids],
+                },
+            )
+            owned = {r.batch_id: (r.claim_id, r.claim_token) for r in rows}
+            for cc in commit.completed_command_claims:
+                for batch_id in cc.batch_ids:
+                    if owned.get(batch_id) != (cc.claim_id, cc.claim_token):
+                        raise Superseded(sid, cc.claim_id, "command")
+
+    async def _upsert_nodes(
+        self, conn: AsyncConnection, session_id: str, revision: int, nodes: list[MessageNode]
+    ) -> None:
+        if not nodes:
+            return
+        await conn.execute(
+            text(
+                "INSERT INTO lash_nodes (session_id, node_id, ordinal, node)"
+                " SELECT :s, n.id, :base + n.ord, CAST(n.body AS jsonb)"
+                " FROM unnest(CAST(:ids AS text[]), CAST(:bodies AS text[]))"
+                "  WITH ORDINALITY AS n(id, body, ord)"
+                " ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,"
+                "  ordinal = EXCLUDED.ordinal"
+            ),
+            {
+                "s": session_id,
+                # Revision-major ordinals keep insertion order across commits.
+                "base": revision << 20,
+                "ids": [n.node_id for n in nodes],
+                "bodies": [dumps(n.model_dump(mode="json")) for n in nodes],
+            },
+        )
+
+    async def _complete_and_defer(
+        self,
+        conn: AsyncConnection,
+        commit: RuntimeCommit,
+        input_ids: list[str],
+        batch_ids: list[str],
+        now: int,
+    ) -> list[str]:
+        """Complete claimed rows and defer the turn's unaccepted steering input (§1.9)."""
+        sid = commit.session_id
+        rows = await conn.execute(
+            text(
+                """
+                WITH done AS (
+                    UPDATE lash_pending_inputs SET state = 'completed', terminal_at_ms = :now,
+                        claim_id = NULL, claim_owner_id = NULL,
+                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
+                        claim_token = NULL, claim_session_lease_generation = 0
+                    WHERE session_id = :s AND input_id = ANY(:ids) RETURNING 1),
+                cmds AS (
+                    UPDATE lash_session_commands SET state = 'completed', terminal_at_ms = :now,
+                        claim_id = NULL, claim_owner_id = NULL,
+                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
+                        claim_token = NULL, claim_session_lease_generation = 0
+                    WHERE session_id = :s AND batch_id = ANY(:bids) RETURNING 1),
+                deferred AS (
+                    UPDATE lash_pending_inputs SET state = 'deferred_next_turn',
+                        ingress = '{"scope":"next_turn"}'::jsonb,
+                        claim_id = NULL, claim_owner_id = NULL,
+                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
+                        claim_token = NULL, claim_session_lease_generation = 0
+                    WHERE session_id = :s AND state = 'pending_active'
+                      AND CAST(:turn AS text) IS NOT NULL AND ingress->>'turn_id' = :turn
+                      AND NOT (input_id = ANY(:ids))
+                    RETURNING input_id, enqueue_seq)
+                SELECT input_id FROM deferred
+                WHERE (SELECT count(*) FROM done) >= 0 AND (SELECT count(*) FROM cmds) >= 0
+                ORDER BY enqueue_seq
+                """
+            ),
+            {
+                "s": sid,
+                "now": now,
+                "ids": input_ids,
+                "bids": batch_ids,
+                "turn": commit.defer_active_inputs_of_turn,
+            },
+        )
+        return [r.input_id for r in rows]
+
+    # ------------------------------------------------------------------ reading
+
+    async def load_state(
+        self, session_id: str, residency: Residency = Residency.FULL
+    ) -> SessionState:
+        async with self._tx() as conn:
+            return await self._load_state(conn, session_id, residency)
+
+    async def _load_state(
+        self, conn: AsyncConnection, session_id: str, residency: Residency
+    ) -> SessionState:
+        ses = (
+            await conn.execute(
+                text(
+                    "SELECT head_revision, last_seq, leaf_node_id, config, checkpoint, usage"
+                    " FROM lash_sessions WHERE session_id = :s"
+                ),
+                {"s": session_id},
+            )
+        ).one_or_none()
+        if ses is None:
+            return SessionState(
+                session_id=session_id, exists=False, head_revision=0, leaf_node_id=None, nodes=[]
+            )
+        found = await conn.execute(
+            text("SELECT node FROM lash_nodes WHERE session_id = :s ORDER BY ordinal"),
+            {"s": session_id},
+        )
+        nodes = [node_from_json(r.node) for r in found]
+        if residency is Residency.ACTIVE_PATH:
+            nodes = active_path(nodes, ses.leaf_node_id)
+        return SessionState(
+            session_id=session_id,
+            exists=True,
+            head_revision=int(ses.head_revision),
+            leaf_node_id=ses.leaf_node_id,
+            nodes=nodes,
+            config=ses.config,
+            checkpoint=ses.checkpoint,
+            usage=Usage.model_validate(ses.usage or {}),
+            last_seq=int(ses.last_seq),
+        )
+
+    async def read_session(self, session_id: str, after_seq: int | None = None) -> SessionView:
+        async with self._tx() as conn:
+            await conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY"))
+            state = await self._load_state(conn, session_id, Residency.ACTIVE_PATH)
+            now, lease = await self._now_lease(conn, session_id)
+            pending = await self._inputs(
+                conn,
+                "session_id = :s AND state IN ('pending_active', 'deferred_next_turn')",
+                {"s": session_id},
+            )
+            page = None
+            if after_seq is not None:
+                page = await self._events_after(conn, session_id, after_seq, 1000)
+        return SessionView(
+            session_id=session_id,
+            head_revision=state.head_revision,
+            last_seq=state.last_seq,
+            running_turn_id=lease.running_turn_id if lease and lease.is_live(now) else None,
+            messages=state.nodes,
+            pending_inputs=[r for r in pending if not rules.claim_is_live(r.claim, lease, now)],
+            events=page,
+        )
+
+    async def events_after(self, session_id: str, after_seq: int, limit: int = 1000) -> EventPage:
+        async with self._tx() as conn:
+            return await self._events_after(conn, session_id, after_seq, limit)
+
+    async def _events_after(
+        self, conn: AsyncConnection, session_id: str, after_seq: int, limit: int
+    ) -> EventPage:
+        rows = await conn.execute(
+            text(
+                "SELECT e.session_id, e.seq, e.revision, e.payload, e.created_at_ms,"
+                " (SELECT last_seq FROM lash_sessions WHERE session_id = :s) AS last_seq"
+                " FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT * FROM lash_events"
+                "  WHERE session_id = :s AND seq > :a ORDER BY seq LIMIT :n) e ON true"
+            ),
+            {"s": session_id, "a": after_seq, "n": limit},
+        )
+        found = rows.all()
+        last_seq = int(found[0].last_seq or 0) if found else 0
+        events = [event_from_row(r._mapping) for r in found if r.seq is not None]
+        first = events[0].seq if events else None
+        gap = after_seq < last_seq and (first is None or first > after_seq + 1)
+        return EventPage(
+            session_id=session_id, after_seq=after_seq, events=events, gap=gap, last_seq=last_seq
+        )
+
+    # ------------------------------------------------------------------ turn cancellation
+
+    async def request_turn_cancel(
+        self, session_id: str, turn_id: str | None, reason: str | None = None
+    ) -> str | None:
+        async with self._tx() as conn:
+            now, lease = await self._now_lease(conn, session_id, "FOR UPDATE")
+            if lease is None or not lease.is_live(now) or lease.running_turn_id is None:
+                return None
+            if turn_id is not None and lease.running_turn_id != turn_id:
+                return None
+            running = lease.running_turn_id
+            await conn.execute(
+                text(
+                    "UPDATE lash_leases SET cancel_requested = true, cancel_reason = CASE"
+                    " WHEN cancel_requested THEN cancel_reason ELSE :r END"
+                    " WHERE session_id = :s"
+                ),
+                {"r": reason, "s": session_id},
+            )
+            await self._insert_events(conn, [], [("cancel", running)], session_id)
+            return running
+
+    # ------------------------------------------------------------------ maintenance
+
+    async def delete_session(self, fence: LeaseFence) -> None:
+        async with self._tx() as conn:
+            await self._fenced(conn, fence)
+            await conn.execute(
+                text(
+                    """
+                    WITH a AS (DELETE FROM lash_pending_inputs WHERE session_id = :s),
+                         b AS (DELETE FROM lash_session_commands WHERE session_id = :s),
+                         c AS (DELETE FROM lash_nodes WHERE session_id = :s),
+                         d AS (DELETE FROM lash_events WHERE session_id = :s),
+                         e AS (DELETE FROM lash_turn_commits WHERE session_id = :s),
+                         f AS (DELETE FROM lash_sessions WHERE session_id = :s)
+                    DELETE FROM lash_leases WHERE session_id = :s
+                    """
+                ),
+                {"s": fence.session_id},
+            )
+
+    async def vacuum(self, older_than_ms: int, session_id: str | None = None) -> VacuumReport:
+        scope = "" if session_id is None else " AND session_id = :s"
+        async with self._tx() as conn:
+            row = (
+                await conn.execute(
+                    text(
+                        f"""
+                        WITH cutoff AS (SELECT {NOW_SQL} - :age AS at),
+                        i AS (DELETE FROM lash_pending_inputs
+                              WHERE state IN ('cancelled', 'completed')
+                                AND terminal_at_ms <= (SELECT at FROM cutoff){scope}
+                              RETURNING 1),
+                        c AS (DELETE FROM lash_session_commands
+                              WHERE state IN ('cancelled', 'completed')
+                                AND terminal_at_ms <= (SELECT at FROM cutoff){scope}
+                              RETURNING 1),
+                        e AS (DELETE FROM lash_events
+                              WHERE published AND created_at_ms <= (SELECT at FROM cutoff){scope}
+                              RETURNING 1)
+                        SELECT (SELECT count(*) FROM i) AS i, (SELECT count(*) FROM c) AS c,
+                               (SELECT count(*) FROM e) AS e
+                        """
+                    ),
+                    {"age": older_than_ms, "s": session_id},
+                )
+            ).one()
+        return VacuumReport(
+            removed_input_tombstones=int(row.i),
+            removed_command_tombstones=int(row.c),
+            removed_events=int(row.e),
+        )
+
+    async def sessions_with_orphaned_work(self, limit: int = 100) -> list[str]:
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                text(
+                    f"""
+                    SELECT w.session_id FROM (
+                        SELECT DISTINCT session_id FROM lash_pending_inputs
+                        WHERE state IN ('deferred_next_turn', 'pending_active', 'accepted')
+                        UNION
+                        SELECT DISTINCT session_id FROM lash_session_commands
+                        WHERE state = 'pending') w
+                    WHERE NOT EXISTS (
+                        SELECT 1 FROM lash_leases l WHERE l.session_id = w.session_id
+                          AND l.lease_token IS NOT NULL AND l.expires_at_ms > {NOW_SQL})
+                    ORDER BY w.session_id LIMIT :n
+                    """
+                ),
+                {"n": limit},
+            )
+            return [r.session_id for r in rows]
+
+    # ------------------------------------------------------------------ outbox
+
+    async def unpublished_events(
+        self, limit: int = 500, *, shard: int | None = None, shard_count: int = 1
+    ) -> list[DurableEvent]:
+        where = "NOT published"
+        params: dict[str, Any] = {"n": limit}
+        if shard is not None:
+            where += " AND shard % :count = :shard"
+            params.update({"count": shard_count, "shard": shard})
+        async with self._tx() as conn:
+            rows = await conn.execute(
+                text(
+                    "SELECT session_id, seq, revision, payload, created_at_ms FROM lash_events"
+                    f" WHERE {where} ORDER BY session_id, seq LIMIT :n"
+                ),
+                params,
+            )
+            return [event_from_row(r._mapping) for r in rows]
+
+    async def mark_published(self, events: Sequence[DurableEvent]) -> None:
+        if not events:
+            return
+        async with self._tx() as conn:
+            await conn.execute(
+                text(
+                    "UPDATE lash_events e SET published = true"
+                    " FROM unnest(CAST(:s AS text[]), CAST(:q AS bigint[])) AS k(session_id, seq)"
+                    " WHERE e.session_id = k.session_id AND e.seq = k.seq"
+                ),
+                {"s": [e.session_id for e in events], "q": [e.seq for e in events]},
+            )
+
+    # ------------------------------------------------------------------ wake-ups
+
+    def notifications(self) -> AsyncIterator[Notification]:
+        return notify.listen(libpq_url(self._url))
