@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -59,6 +60,7 @@ class Harness:
     store: Store
     backend: str
     clock: ManualClock | None
+    url: str | None = None
 
     @property
     def short_ttl_ms(self) -> int:
@@ -77,6 +79,23 @@ class Harness:
             if loop.time() > deadline:
                 raise AssertionError("store clock never passed the lease expiry")
             await asyncio.sleep(0.05)
+
+    @asynccontextmanager
+    async def reopen(self) -> AsyncIterator[Store]:
+        """A second, independent handle on the same durable state (another pool on the
+        same database). The in-memory store has no durable state outside the object, so
+        its "second handle" is the same object."""
+        if self.url is None:
+            yield self.store
+            return
+        from lash_core.store.postgres import PostgresStore
+
+        other = PostgresStore(self.url)
+        await other.start()
+        try:
+            yield other
+        finally:
+            await other.close()
 
     async def advance(self, ms: int) -> None:
         """Let at least ``ms`` of store time pass (manual clock: instantly)."""
@@ -114,7 +133,8 @@ def backend(request: pytest.FixtureRequest) -> Harness:
         clock = ManualClock()
         return Harness(store=InMemoryStore(clock=clock), backend="memory", clock=clock)
     store: Store = request.getfixturevalue("postgres_store")
-    return Harness(store=store, backend="postgres", clock=None)
+    url: str = request.getfixturevalue("pg_url")
+    return Harness(store=store, backend="postgres", clock=None, url=url)
 
 
 @pytest_asyncio.fixture(loop_scope="session")
