@@ -1,0 +1,1 @@
+"""Fault tests: real worker processes killed, signalled and cut off from their services."""

@@ -1,0 +1,47 @@
+"""The broker drops the workers' connections during admission, during turns and while the
+outbox publishes: workers reconnect, nothing is admitted twice, observers see no hole."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.fault import figures
+from tests.fault.conftest import HarnessFactory
+
+pytestmark = [pytest.mark.fault, pytest.mark.postgres, pytest.mark.rabbitmq]
+
+
+async def test_broker_connection_drops(make_harness: HarnessFactory) -> None:
+    async with make_harness(echo_delay_ms=300, lease_ttl_ms=2500, sweep_interval_ms=500) as h:
+        await h.fleet.start(2)
+        sessions = h.session_ids(8)
+        # Admission: drop while the first burst is being consumed.
+        feeder = asyncio.create_task(h.submit_many(sessions, 5, spacing_s=0.4))
+        await asyncio.sleep(0.15)
+        dropped = [await h.drop_broker()]
+        # During turns: wait until turns run, then drop.
+        for w in h.fleet.alive():
+            await h.wait_running_turns(w, sessions, 1, timeout_s=10)
+        dropped.append(await h.drop_broker())
+        # While the outbox publishes: wait for fresh events to flow, then drop.
+        seen = len(h.bus.observed)
+        await h.bus.wait_for(lambda: len(h.bus.observed) > seen + 5, 20, "events flowing")
+        dropped.append(await h.drop_broker())
+        await feeder
+        await asyncio.sleep(0.5)
+        dropped.append(await h.drop_broker())
+
+        report = await h.settle_and_check(timeout_s=60)
+        for w in h.fleet.workers:
+            if not w.alive():
+                report.violation(f"{w.owner_id} exited ({w.returncode}) instead of reconnecting")
+        consumers = await h.bus.wait_consumers(2, timeout_s=20)
+        if consumers < 2:
+            report.violation(f"only {consumers} ingress consumers after reconnecting")
+        figures.record(
+            "broker_connection_drops", h.figures(report, connections_closed=sum(dropped))
+        )
+        assert all(dropped), f"a drop found no worker connection to close: {dropped}"
+        report.assert_ok(h.diagnostics())

@@ -1,0 +1,1 @@
+"""The soak: random kills, restarts and connection drops under steady traffic."""

@@ -1,0 +1,178 @@
+"""The soak: steady traffic over many sessions while a chaos loop kills (``-9``), stops
+(SIGTERM) and restarts workers and drops their broker and database connections; then
+every invariant of :mod:`tests.fault.checker` over the whole run.
+
+The CI test (``tests/soak/test_soak_short.py``) and the long command
+(``scripts/soak.py``) run this same code with different plans.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from lash_core.leases import LeaseRow
+from tests.fault.checker import CheckReport
+from tests.fault.harness import Harness, WorkerProcess
+
+
+@dataclass
+class SoakPlan:
+    workers: int = 3
+    sessions: int = 20
+    inputs_per_session: int = 5
+    duration_s: float = 60.0
+    feed_fraction: float = 0.75
+    chaos_every_s: float = 8.0
+    echo_delay_ms: int = 200
+    lease_ttl_ms: int = 2500
+    sweep_interval_ms: int = 500
+    shutdown_grace_s: float = 5.0
+    settle_timeout_s: float = 90.0
+    seed: int = 1
+    weights: dict[str, int] = field(
+        default_factory=lambda: {"kill9": 3, "sigterm": 2, "broker_drop": 2, "db_drop": 2}
+    )
+
+    def worker_settings(self) -> dict[str, Any]:
+        return {
+            "echo_delay_ms": self.echo_delay_ms,
+            "lease_ttl_ms": self.lease_ttl_ms,
+            "sweep_interval_ms": self.sweep_interval_ms,
+            "shutdown_grace_s": self.shutdown_grace_s,
+        }
+
+
+@dataclass
+class _Kill:
+    victims: dict[str, LeaseRow]
+    at: float
+
+
+@dataclass
+class SoakState:
+    kills: list[_Kill] = field(default_factory=list)
+    planned_exits: set[str] = field(default_factory=set)
+    sigterm_codes: dict[str, int | None] = field(default_factory=dict)
+    background: set[asyncio.Task[Any]] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+
+
+async def _feed(h: Harness, plan: SoakPlan, rng: random.Random) -> None:
+    sessions = h.session_ids(plan.sessions)
+    order = [(sid, k) for k in range(plan.inputs_per_session) for sid in sessions]
+    rng.shuffle(order)
+    # Keep each session's own inputs in key order (k0 before k1 ...) - not required for
+    # correctness, but it makes transcripts easy to read when a check fails.
+    counters: dict[str, int] = {}
+    interval = plan.duration_s * plan.feed_fraction / max(1, len(order))
+    start = time.monotonic()
+    for i, (sid, _) in enumerate(order):
+        k = counters.get(sid, 0)
+        counters[sid] = k + 1
+        await h.submit(sid, f"k{k}")
+        delay = start + (i + 1) * interval - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+
+
+async def _replace(h: Harness, state: SoakState, old: WorkerProcess, after_s: float) -> None:
+    await asyncio.sleep(after_s)
+    if old.alive():
+        code = await old.wait_exit(30)
+        state.sigterm_codes[old.owner_id] = code
+    w = h.fleet.spawn()
+    try:
+        await w.wait_ready(60)
+    except AssertionError as exc:
+        state.problems.append(f"restarted worker never became ready: {exc}")
+
+
+async def _chaos_step(
+    h: Harness, plan: SoakPlan, state: SoakState, rng: random.Random, sessions: list[str]
+) -> None:
+    alive = h.fleet.alive()
+    if not alive:
+        return
+    action = rng.choices(list(plan.weights), weights=list(plan.weights.values()))[0]
+    victim = rng.choice(alive)
+    if action == "kill9":
+        leases = await h.leases(sessions)
+        now = await h.store.now_ms()
+        victims = {
+            s: r
+            for s, r in leases.items()
+            if r.is_live(now)
+            and r.owner is not None
+            and r.owner.owner_id == victim.owner_id
+            and r.running_turn_id is not None
+        }
+        state.planned_exits.add(victim.owner_id)
+        at = await h.kill9(victim)
+        state.kills.append(_Kill(victims, at))
+        _spawn_bg(state, _replace(h, state, victim, 1.0))
+    elif action == "sigterm":
+        state.planned_exits.add(victim.owner_id)
+        await h.sigterm(victim)
+        _spawn_bg(state, _replace(h, state, victim, 0.0))
+    elif action == "broker_drop":
+        await h.drop_broker([victim])
+    else:
+        await h.drop_db([victim])
+
+
+def _spawn_bg(state: SoakState, coro: Any) -> None:
+    task = asyncio.ensure_future(coro)
+    state.background.add(task)
+    task.add_done_callback(state.background.discard)
+
+
+async def run_soak(h: Harness, plan: SoakPlan) -> tuple[CheckReport, dict[str, Any]]:
+    """Run the plan against ``h`` and return the invariant report and the figures."""
+    rng = random.Random(plan.seed)
+    state = SoakState()
+    sessions = h.session_ids(plan.sessions)
+    started = time.monotonic()
+    await h.fleet.start(plan.workers)
+    feeder = asyncio.create_task(_feed(h, plan, rng))
+    try:
+        deadline = started + plan.duration_s
+        while time.monotonic() < deadline:
+            pause = plan.chaos_every_s * rng.uniform(0.7, 1.3)
+            await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                break
+            await _chaos_step(h, plan, state, rng, sessions)
+        await feeder
+        if state.background:
+            await asyncio.wait(set(state.background), timeout=90)
+    finally:
+        if not feeder.done():
+            feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await feeder
+    # Top the fleet up so settling never depends on luck.
+    while len(h.fleet.alive()) < plan.workers:
+        await h.fleet.start(1)
+
+    report = await h.settle_and_check(timeout_s=plan.settle_timeout_s)
+    for w in h.fleet.workers:
+        if w.owner_id not in state.planned_exits and not w.alive():
+            report.violation(f"{w.owner_id} died unplanned ({w.returncode}):\n{w.log_tail(30)}")
+    for owner, code in state.sigterm_codes.items():
+        if code != 0:
+            report.violation(f"{owner} exited {code} after SIGTERM")
+    for problem in state.problems:
+        report.violation(problem)
+    for kill in state.kills:
+        h.takeovers.extend(h.takeover_times(kill.victims, kill.at).values())
+    figures = h.figures(
+        report,
+        duration_s=round(time.monotonic() - started, 1),
+        plan={k: v for k, v in asdict(plan).items() if k != "weights"},
+    )
+    return report, figures
