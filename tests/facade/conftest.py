@@ -1,0 +1,3 @@
+from tests.engine.support import store
+
+__all__ = ["store"]
