@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
@@ -23,12 +23,6 @@ def make_harness(pg_url: str, amqp_url: str, namespace: str, tmp_path: Path) -> 
         return harness(pg_url, amqp_url, namespace, tmp_path, **worker_settings)
 
     return factory
-
-
-@pytest.fixture
-async def h(make_harness: HarnessFactory) -> AsyncIterator[Harness]:
-    async with make_harness() as value:
-        yield value
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
