@@ -24,6 +24,11 @@ def totals(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         return int(sum(int(f.get(key, 0) or 0) for f in figures.values()))
 
     takeovers = [f["worst_takeover_s"] for f in figures.values() if f.get("worst_takeover_s")]
+    observed = [
+        f["worst_observed_takeover_s"]
+        for f in figures.values()
+        if f.get("worst_observed_takeover_s")
+    ]
     return {
         "tests": len(figures),
         "faults_injected": total("faults_injected"),
@@ -37,6 +42,7 @@ def totals(figures: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "observed_duplicates": total("observed_duplicates"),
         "dead_lettered": total("dead_lettered"),
         "worst_takeover_s": round(max(takeovers), 3) if takeovers else None,
+        "worst_observed_takeover_s": round(max(observed), 3) if observed else None,
     }
 
 

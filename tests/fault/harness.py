@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lash_core.events import DurableEvent
 from lash_core.leases import LeaseRow
 from lash_core.store.base import Store
 from tests.fault.bus import Bus, DeadLetter, Observed, Receipt
@@ -60,6 +61,7 @@ class Harness:
     faults: FaultLog = field(default_factory=FaultLog)
     workload: Workload = field(default_factory=Workload)
     takeovers: list[float] = field(default_factory=list)
+    observed_takeovers: list[float] = field(default_factory=list)
 
     @property
     def namespace(self) -> str:
@@ -140,16 +142,31 @@ class Harness:
                 return held
             await asyncio.sleep(0.05)
 
-    def takeover_times(self, victims: dict[str, LeaseRow], killed_at: float) -> dict[str, float]:
-        """Per victim session: seconds from the kill until observers saw a newer generation
-        start a turn there."""
+    def takeover_times(
+        self,
+        victims: dict[str, LeaseRow],
+        killed_at: float,
+        events: dict[str, list[DurableEvent]] | None = None,
+    ) -> dict[str, float]:
+        """Per victim session: seconds from the kill until a newer lease generation started a
+        turn there - by the database's ``created_at_ms`` of that ``turn.started`` when the
+        stored ``events`` are given, else by when observers received it (which adds the
+        outbox relay's delay)."""
         out: dict[str, float] = {}
-        for ev in self.bus.observed:
-            row = victims.get(ev.session_id)
-            if row is None or ev.type != "turn.started" or ev.session_id in out:
+        for sid, row in victims.items():
+            if events is not None:
+                for ev in events.get(sid, []):
+                    p = ev.payload
+                    if p.type == "turn.started" and p.lease_generation > row.fencing_token:
+                        out[sid] = ev.created_at_ms / 1000 - killed_at
+                        break
                 continue
-            if int(ev.body.get("lease_generation", 0)) > row.fencing_token:
-                out[ev.session_id] = ev.received_at - killed_at
+            for ob in self.bus.observed:
+                if ob.session_id != sid or ob.type != "turn.started":
+                    continue
+                if int(ob.body.get("lease_generation", 0)) > row.fencing_token:
+                    out[sid] = ob.received_at - killed_at
+                    break
         return out
 
     # ------------------------------------------------------------------ checking
@@ -175,6 +192,8 @@ class Harness:
         if self.takeovers:
             out["worst_takeover_s"] = round(max(self.takeovers), 3)
             out["takeovers"] = len(self.takeovers)
+        if self.observed_takeovers:
+            out["worst_observed_takeover_s"] = round(max(self.observed_takeovers), 3)
         out.update(extra)
         return out
 

@@ -57,8 +57,9 @@ async def test_kill9_mid_turn_sessions_are_taken_over(make_harness: HarnessFacto
         await feeder
 
         report = await h.settle_and_check(timeout_s=60)
-        takeovers = h.takeover_times(victims, killed_at)
+        takeovers = h.takeover_times(victims, killed_at, report.events)
         h.takeovers.extend(takeovers.values())
+        h.observed_takeovers.extend(h.takeover_times(victims, killed_at).values())
         superseded = {
             (sid, tid) for sid, tid, _ in report.superseded_turns if tid in running_at_kill.values()
         }

@@ -169,7 +169,8 @@ async def run_soak(h: Harness, plan: SoakPlan) -> tuple[CheckReport, dict[str, A
     for problem in state.problems:
         report.violation(problem)
     for kill in state.kills:
-        h.takeovers.extend(h.takeover_times(kill.victims, kill.at).values())
+        h.takeovers.extend(h.takeover_times(kill.victims, kill.at, report.events).values())
+        h.observed_takeovers.extend(h.takeover_times(kill.victims, kill.at).values())
     figures = h.figures(
         report,
         duration_s=round(time.monotonic() - started, 1),
