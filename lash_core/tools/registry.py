@@ -85,7 +85,9 @@ class ToolRegistry:
         """Add ``func`` as a tool.
 
         The name defaults to the function's ``__name__``, the description to its docstring,
-        and the argument model to the annotation of its single parameter. Raises
+        and the argument model to the annotation of its single parameter (pass
+        ``args_model`` when that annotation cannot be resolved, e.g. a model defined inside
+        a function under ``from __future__ import annotations``). Raises
         :class:`InvalidRequest` for a sync function, a missing or non-pydantic argument
         annotation, an invalid name or a name already registered.
         """
@@ -103,7 +105,13 @@ class ToolRegistry:
 
     @overload
     def tool(
-        self, func: None = None, /, *, name: str | None = None, description: str | None = None
+        self,
+        func: None = None,
+        /,
+        *,
+        name: str | None = None,
+        description: str | None = None,
+        args_model: type[BaseModel] | None = None,
     ) -> Callable[[F], F]: ...
 
     def tool(
@@ -113,6 +121,7 @@ class ToolRegistry:
         *,
         name: str | None = None,
         description: str | None = None,
+        args_model: type[BaseModel] | None = None,
     ) -> Any:
         """Decorator form of :meth:`register`: ``@registry.tool`` or ``@registry.tool(...)``.
 
@@ -120,7 +129,7 @@ class ToolRegistry:
         """
 
         def decorate(target: ToolFunc) -> ToolFunc:
-            self.register(target, name=name, description=description)
+            self.register(target, name=name, description=description, args_model=args_model)
             return target
 
         if func is not None:
@@ -280,7 +289,10 @@ def _argument_model(func: Callable[..., Any]) -> type[BaseModel]:
     try:
         hints = typing.get_type_hints(target)
     except Exception as exc:
-        raise InvalidRequest(f"cannot resolve the annotations of tool {func!r}: {exc}") from exc
+        raise InvalidRequest(
+            f"cannot resolve the argument annotation of tool {func!r} ({exc}); define the "
+            "model at module level or pass args_model="
+        ) from exc
     annotation = hints.get(params[0].name)
     if not (inspect.isclass(annotation) and issubclass(annotation, BaseModel)):
         raise InvalidRequest(
