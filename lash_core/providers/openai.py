@@ -2,7 +2,8 @@
 
 One model call is ``POST {base_url}/chat/completions`` with ``stream: true`` and
 ``stream_options.include_usage``; the SSE response becomes text chunks, tool-call requests
-and a final :class:`ModelDone` (see :mod:`lash_core.providers.openai_wire`).
+and a final :class:`ModelDone` (see :mod:`lash_core.providers.openai_wire`). A server that
+ignores ``stream`` and answers with one JSON completion yields the same event sequence.
 
 Transient failures - 429, 408, 5xx, connection errors, timeouts, a stream cut off before
 it said it was done - are retried here with exponential backoff and jitter, honouring the
@@ -29,6 +30,7 @@ from lash_core.providers.openai_wire import (
     ChunkAssembler,
     MalformedChunk,
     StreamError,
+    completion_events,
     request_body,
 )
 from lash_core.providers.retry import backoff_delay, is_retryable_status, parse_retry_after
@@ -159,6 +161,11 @@ class OpenAIProvider:
             ) as response:
                 if response.status_code >= 400:
                     await self._raise_for_status(response)
+                if response.headers.get("content-type", "").startswith("application/json"):
+                    payload = (await response.aread()).decode("utf-8", errors="replace")
+                    for event in completion_events(payload):
+                        yield event
+                    return
                 assembler = ChunkAssembler()
                 async with aclosing(sse_data(response.aiter_lines())) as payloads:
                     async for payload in payloads:
@@ -172,7 +179,7 @@ class OpenAIProvider:
                     yield event
         except httpx.TimeoutException as exc:
             raise _Transient(f"timed out ({type(exc).__name__})") from exc
-        except httpx.TransportError as exc:
+        except httpx.RequestError as exc:
             raise _Transient(f"connection failed ({type(exc).__name__}: {exc})") from exc
         except MalformedChunk as exc:
             raise _Transient(str(exc)) from exc

@@ -123,6 +123,54 @@ def _int(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
+def completion_events(payload: str) -> list[ProviderEvent]:
+    """Events from a non-streamed ``chat.completion`` body.
+
+    Some OpenAI-compatible servers ignore ``stream: true`` and answer with one JSON
+    document; the caller then still gets the same event sequence: text, tool calls, done.
+    """
+    try:
+        body = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise MalformedChunk(f"response is not JSON: {payload[:200]!r}") from exc
+    if not isinstance(body, dict):
+        raise MalformedChunk(f"response is not an object: {payload[:200]!r}")
+    if body.get("error"):
+        error = body["error"]
+        message = error.get("message") if isinstance(error, dict) else str(error)
+        raise StreamError(f"provider reported an error: {message}")
+    choices = body.get("choices") or []
+    choice = choices[0] if choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    events: list[ProviderEvent] = []
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        events.append(TextChunk(text=content))
+    calls = message.get("tool_calls") or []
+    for call in calls:
+        if not isinstance(call, dict):
+            raise MalformedChunk(f"tool call is not an object: {call!r}")
+        function = call.get("function") or {}
+        events.append(
+            ToolCallRequest(
+                call=ToolCall(
+                    id=str(call.get("id") or f"call_{uuid.uuid4().hex[:24]}"),
+                    name=str(function.get("name") or ""),
+                    arguments=arguments_from_wire(str(function.get("arguments") or "")),
+                )
+            )
+        )
+    usage = body.get("usage")
+    reason = choice.get("finish_reason") or ("tool_calls" if calls else "stop")
+    events.append(
+        ModelDone(
+            usage=usage_from_wire(usage) if isinstance(usage, dict) else Usage(),
+            finish_reason=str(reason),
+        )
+    )
+    return events
+
+
 @dataclass
 class _PartialCall:
     id: str = ""

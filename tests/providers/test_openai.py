@@ -206,6 +206,42 @@ async def test_streamed_tool_call_deltas_are_assembled_by_index(server: FakeOpen
     assert done.usage.input_tokens == 20
 
 
+async def test_non_streamed_json_completion_is_accepted(server: FakeOpenAI) -> None:
+    server.enqueue(
+        StatusReply(
+            200,
+            {
+                "object": "chat.completion",
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {
+                            "role": "assistant",
+                            "content": "thinking aloud",
+                            "tool_calls": [
+                                {
+                                    "id": "call_x",
+                                    "type": "function",
+                                    "function": {"name": "calculate", "arguments": '{"a": 1}'},
+                                }
+                            ],
+                        },
+                        "finish_reason": "tool_calls",
+                    }
+                ],
+                "usage": {"prompt_tokens": 4, "completion_tokens": 6},
+            },
+        )
+    )
+    events = await collect(provider_for(server), simple_request())
+    assert text_of(events) == "thinking aloud"
+    calls = [e.call for e in events if isinstance(e, ToolCallRequest)]
+    assert [(c.id, c.name, c.arguments) for c in calls] == [("call_x", "calculate", {"a": 1})]
+    done = events[-1]
+    assert isinstance(done, ModelDone)
+    assert (done.finish_reason, done.usage.output_tokens) == ("tool_calls", 6)
+
+
 async def test_429_with_retry_after_seconds_then_success(server: FakeOpenAI) -> None:
     server.enqueue(
         StatusReply(429, {"error": {"message": "slow down"}}, headers={"Retry-After": "1"}),
