@@ -1,0 +1,227 @@
+"""Dispatch: drive many sessions concurrently, each under its lease, one drain at a time.
+
+Wake-ups come from three places, fastest first: the worker that admitted an input kicks
+the session directly; ``work`` notifications from the store reach every worker; and a
+recovery sweep every ``LASH_SWEEP_INTERVAL_MS`` asks the store for sessions whose pending
+work has no live lease (a crashed worker's sessions, or a lost notification). Polling is
+only that fallback.
+
+A session has at most one drain task in this process. A kick while it drains marks it to
+be drained again, so input admitted between the drain's last claim and its release is
+never left behind (the driver also re-checks after releasing). At most
+``LASH_CONCURRENCY`` sessions drain at once. A session whose lease another live worker
+holds is left to that worker, never retried in a loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+from consumer.observability.logs import get_logger
+from consumer.observability.metrics import (
+    ACTIVE_SESSIONS,
+    CLAIMS,
+    LEASE_EVENTS,
+    TURN_DURATION,
+    TURNS,
+)
+from consumer.observability.tracing import span
+from lash_core.engine import DrainReport, SessionDriver
+from lash_core.outcomes import Finished
+from lash_core.store.base import Notification, Store
+
+log = get_logger(__name__)
+
+SHUTDOWN_REASON = "worker shutting down"
+
+
+def outcome_label(report_outcome: object) -> str:
+    """``finished`` or the stop reason (``cancelled``, ``provider_error``, ...)."""
+    if isinstance(report_outcome, Finished):
+        return "finished"
+    return str(getattr(report_outcome, "stop", "unknown"))
+
+
+class Dispatcher:
+    """Schedules ``SessionDriver.drain`` calls for the sessions this worker should run."""
+
+    def __init__(
+        self,
+        driver: SessionDriver,
+        store: Store,
+        *,
+        concurrency: int,
+        sweep_interval_s: float,
+        sweep_limit: int = 500,
+        on_report: Callable[[DrainReport], None] | None = None,
+    ) -> None:
+        self._driver = driver
+        self._store = store
+        self._slots = asyncio.Semaphore(concurrency)
+        self._sweep_interval_s = sweep_interval_s
+        self._sweep_limit = sweep_limit
+        self._on_report = on_report
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._again: set[str] = set()
+        self._certain: set[str] = set()
+        self._closing = False
+        self._sweep_now = asyncio.Event()
+        self._active = 0
+        self.drains = 0
+        self.turns = 0
+
+    # ------------------------------------------------------------------ wake-ups
+
+    def kick(self, session_id: str, *, certain: bool = True) -> None:
+        """Drain ``session_id`` soon (or again, if it is draining now).
+
+        ``certain=False`` (a notification: every lease release also notifies) first checks
+        without a lease that the session has visible work, so releases never ping-pong
+        lease acquisitions around the fleet.
+        """
+        if self._closing:
+            return
+        if certain:
+            self._certain.add(session_id)
+        if session_id in self._tasks:
+            self._again.add(session_id)
+            return
+        task = asyncio.create_task(self._drain_loop(session_id), name=f"drain:{session_id}")
+        self._tasks[session_id] = task
+
+    def on_notification(self, note: Notification) -> None:
+        if note.kind == "work":
+            self.kick(note.session_id, certain=False)
+        elif note.kind == "cancel":
+            self.cancel_local(note.session_id, note.turn_id, None)
+
+    def cancel_local(self, session_id: str, turn_id: str | None, reason: str | None) -> bool:
+        """Cancel the turn if it runs in this process (the store flag covers the rest)."""
+        return self._driver.cancel(session_id, turn_id, reason)
+
+    def sweep_soon(self) -> None:
+        """Run the recovery sweep now (e.g. after missing notifications)."""
+        self._sweep_now.set()
+
+    @property
+    def draining_sessions(self) -> set[str]:
+        return set(self._tasks)
+
+    # ------------------------------------------------------------------ draining
+
+    async def _drain_loop(self, session_id: str) -> None:
+        try:
+            while not self._closing:
+                self._again.discard(session_id)
+                async with self._slots:
+                    if self._closing:
+                        return
+                    certain = session_id in self._certain
+                    self._certain.discard(session_id)
+                    if certain or await self._has_visible_work(session_id):
+                        await self._drain_once(session_id)
+                if session_id not in self._again:
+                    return
+        finally:
+            self._tasks.pop(session_id, None)
+            self._again.discard(session_id)
+            self._certain.discard(session_id)
+
+    async def _has_visible_work(self, session_id: str) -> bool:
+        """Unclaimed pending input or a pending command, read without a lease."""
+        try:
+            if await self._store.list_pending_inputs(session_id):
+                return True
+            return bool(await self._store.list_commands(session_id, pending_only=True))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("work_check_failed", session_id=session_id, error=str(exc))
+            return True
+
+    async def _drain_once(self, session_id: str) -> None:
+        self._active += 1
+        ACTIVE_SESSIONS.set(self._active)
+        try:
+            with span("lash.turn", session_id=session_id):
+                report = await self._driver.drain(session_id)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # The sweep picks the session up again once its lease is free.
+            log.exception("drain_failed", session_id=session_id)
+            return
+        finally:
+            self._active -= 1
+            ACTIVE_SESSIONS.set(self._active)
+        self.drains += 1
+        self._record(report)
+        if self._on_report is not None:
+            self._on_report(report)
+
+    def _record(self, report: DrainReport) -> None:
+        if not report.acquired:
+            LEASE_EVENTS.labels(event="busy").inc()
+            return
+        LEASE_EVENTS.labels(event="takeover" if report.took_over else "acquired").inc()
+        if report.lease_lost:
+            LEASE_EVENTS.labels(event="lost").inc()
+        for turn in report.turns:
+            self.turns += 1
+            TURNS.labels(outcome=outcome_label(turn.outcome)).inc()
+            TURN_DURATION.observe(turn.duration_s)
+            if turn.input_ids:
+                CLAIMS.labels(mode="next_turn").inc(len(turn.input_ids))
+            log.debug(
+                "drain_turn",
+                session_id=report.session_id,
+                turn_id=turn.turn_id,
+                lease_generation=turn.lease_generation,
+                outcome=outcome_label(turn.outcome),
+                inputs=len(turn.input_ids),
+                duration_s=round(turn.duration_s, 4),
+                replayed=turn.replayed,
+            )
+
+    # ------------------------------------------------------------------ recovery sweep
+
+    async def run_sweeper(self) -> None:
+        """Every sweep interval, kick sessions with pending work and no live lease."""
+        while not self._closing:
+            try:
+                orphaned = await self._store.sessions_with_orphaned_work(self._sweep_limit)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("sweep_failed", error=f"{type(exc).__name__}: {exc}")
+                orphaned = []
+            for session_id in orphaned:
+                if session_id not in self._tasks:
+                    self.kick(session_id)
+            self._sweep_now.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._sweep_now.wait(), self._sweep_interval_s)
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def shutdown(self, grace_s: float, cancel_wait_s: float = 30.0) -> None:
+        """Stop taking work; let running drains finish within ``grace_s``; then cancel
+        their turns (they commit as stopped/cancelled and release their leases)."""
+        self._closing = True
+        self._sweep_now.set()
+        pending = set(self._tasks.values())
+        if pending:
+            log.info("dispatch_draining", sessions=len(pending), grace_s=grace_s)
+            _, pending = await asyncio.wait(pending, timeout=grace_s)
+        if pending:
+            running = self._driver.running()
+            log.warning("dispatch_cancelling_turns", sessions=sorted(running))
+            for session_id, turn_id in running.items():
+                self._driver.cancel(session_id, turn_id, SHUTDOWN_REASON)
+            _, pending = await asyncio.wait(pending, timeout=cancel_wait_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.wait(pending, timeout=5)

@@ -1,0 +1,279 @@
+"""Observation publishing: the durable-event outbox relay and the live activity sink.
+
+Durable events are rows written in the same transaction as the state change they report
+(DESIGN.md difference 4). The relay publishes them to ``{ns}.observations`` with publisher
+confirms, in ``seq`` order per session, with ``message_id = <session_id>:<seq>`` (so a
+republish after a crash is recognisable), then marks them published: at least once.
+
+Sessions are split into ``LASH_OUTBOX_SHARDS`` shards. A relay publishes a shard only while
+it holds a PostgreSQL advisory lock for ``(namespace, shard)`` on a dedicated connection,
+so each session has exactly one publisher at a time (its order holds across the fleet) and
+a dead worker's shards (its connection gone, its locks released by PostgreSQL) are taken
+over by whoever tries next. Relays try to take every free shard each retake interval, so
+no shard waits longer than that for a publisher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import zlib
+from collections import defaultdict
+from collections.abc import Sequence
+
+import aio_pika
+import psycopg
+from aio_pika.abc import AbstractExchange
+
+from consumer.observability.logs import get_logger
+from consumer.observability.metrics import OUTBOX_BACKLOG, OUTBOX_LAG, OUTBOX_PUBLISHED
+from consumer.observability.tracing import span
+from lash_core.events import DurableEvent, TurnActivity
+from lash_core.store.base import Store
+
+log = get_logger(__name__)
+
+JSON = "application/json"
+
+
+def lock_keys(namespace: str, shard: int) -> tuple[int, int]:
+    """The two int4 keys of ``pg_try_advisory_lock(int, int)`` for one outbox shard."""
+    raw = zlib.crc32(f"lash-outbox:{namespace}".encode())
+    return (raw - (1 << 32) if raw >= (1 << 31) else raw), shard
+
+
+def event_message(event: DurableEvent) -> aio_pika.Message:
+    """The AMQP message of one durable event (CONTRACT.md "Observation events")."""
+    return aio_pika.Message(
+        json.dumps(event.to_wire(), ensure_ascii=False).encode("utf-8"),
+        content_type=JSON,
+        message_id=event.message_id,
+        type=event.type,
+        headers={"session_id": event.session_id},
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+    )
+
+
+class ShardLocks:
+    """Advisory locks of outbox shards on one dedicated autocommit connection."""
+
+    def __init__(self, database_url: str, namespace: str) -> None:
+        self._url = database_url
+        self._namespace = namespace
+        self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
+        self.held: set[int] = set()
+
+    async def _connection(self) -> psycopg.AsyncConnection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed:
+            self.held.clear()
+            self._conn = await psycopg.AsyncConnection.connect(
+                self._url, autocommit=True, application_name="lash-outbox-locks"
+            )
+        return self._conn
+
+    async def alive(self) -> bool:
+        """Whether the locks are still held (the session is alive); drops them if not."""
+        if self._conn is None or not self.held:
+            return bool(self.held)
+        try:
+            await self._conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            log.warning("outbox_lock_connection_lost", shards=sorted(self.held))
+            await self.close()
+            return False
+
+    async def take(self, shards: Sequence[int], limit: int) -> list[int]:
+        """Try to lock free shards until ``limit`` are held; returns the newly taken ones."""
+        conn = await self._connection()
+        taken = []
+        for shard in shards:
+            if len(self.held) >= limit:
+                break
+            if shard in self.held:
+                continue
+            k1, k2 = lock_keys(self._namespace, shard)
+            cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (k1, k2))
+            row = await cur.fetchone()
+            if row is not None and row[0] is True:
+                self.held.add(shard)
+                taken.append(shard)
+        return taken
+
+    async def close(self) -> None:
+        """Close the connection: PostgreSQL releases every lock it held."""
+        self.held.clear()
+        if self._conn is not None:
+            with contextlib.suppress(Exception):
+                await self._conn.close()
+            self._conn = None
+
+
+class OutboxRelay:
+    """Publishes unpublished durable events of the shards this relay holds."""
+
+    def __init__(
+        self,
+        store: Store,
+        exchange: AbstractExchange,
+        *,
+        database_url: str,
+        namespace: str,
+        shards: int,
+        batch: int,
+        poll_interval_s: float,
+        retake_interval_s: float | None = None,
+    ) -> None:
+        self._store = store
+        self._exchange = exchange
+        self._locks = ShardLocks(database_url, namespace)
+        self._shards = shards
+        self._batch = batch
+        self._poll_s = poll_interval_s
+        self._retake_s = retake_interval_s if retake_interval_s is not None else poll_interval_s
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._next_retake = 0.0
+        self.published = 0
+
+    @property
+    def held_shards(self) -> set[int]:
+        return set(self._locks.held)
+
+    def wake(self) -> None:
+        """New events may exist (a local commit or an ``events`` notification)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Publish until :meth:`stop`; errors are logged and retried after a pause."""
+        loop = asyncio.get_running_loop()
+        while not self._stopping:
+            self._wake.clear()
+            more = False
+            try:
+                await self._maybe_retake(loop.time())
+                more = await self.publish_once()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox_pass_failed")
+                await self._locks.alive()
+                more = False
+            if more:
+                continue
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+
+    async def _maybe_retake(self, now: float) -> None:
+        if now < self._next_retake and self._locks.held:
+            return
+        self._next_retake = now + self._retake_s
+        if len(self._locks.held) >= self._shards:
+            return
+        taken = await self._locks.take(range(self._shards), self._shards)
+        if taken:
+            log.info("outbox_shards_taken", shards=taken, held=sorted(self._locks.held))
+            self._wake.set()
+
+    async def publish_once(self) -> bool:
+        """One pass over the held shards. True when a shard had a full batch (go again)."""
+        if not await self._locks.alive():
+            return False
+        full = False
+        backlog = 0
+        for shard in sorted(self._locks.held):
+            events = await self._store.unpublished_events(
+                self._batch, shard=shard, shard_count=self._shards
+            )
+            backlog += len(events)
+            if not events:
+                continue
+            if not await self._locks.alive():
+                return False
+            await self._publish(events)
+            full = full or len(events) >= self._batch
+        OUTBOX_BACKLOG.set(backlog)
+        return full
+
+    async def _publish(self, events: Sequence[DurableEvent]) -> None:
+        by_session: dict[str, list[DurableEvent]] = defaultdict(list)
+        for event in events:
+            by_session[event.session_id].append(event)
+        with span("lash.publish", events=len(events), sessions=len(by_session)):
+            results = await asyncio.gather(
+                *(self._publish_session(evs) for evs in by_session.values())
+            )
+        done = [event for published in results for event in published]
+        if done:
+            await self._store.mark_published(done)
+            self.published += len(done)
+            OUTBOX_PUBLISHED.inc(len(done))
+
+    async def _publish_session(self, events: list[DurableEvent]) -> list[DurableEvent]:
+        """Publish one session's events in ``seq`` order; stop at the first failure."""
+        published: list[DurableEvent] = []
+        for event in sorted(events, key=lambda e: e.seq):
+            try:
+                await self._exchange.publish(event_message(event), routing_key=event.type)
+            except Exception as exc:
+                log.warning(
+                    "outbox_publish_failed",
+                    session_id=event.session_id,
+                    seq=event.seq,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+                break
+            if event.created_at_ms:
+                OUTBOX_LAG.observe(max(0.0, time.time() - event.created_at_ms / 1000))
+            published.append(event)
+        return published
+
+    async def flush(self, timeout_s: float) -> None:
+        """Publish what the held shards still have, within ``timeout_s`` (shutdown)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            try:
+                more = await asyncio.wait_for(self.publish_once(), deadline - loop.time())
+            except Exception:
+                log.exception("outbox_flush_failed")
+                return
+            if not more:
+                return
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    async def close(self) -> None:
+        await self._locks.close()
+
+
+class ActivityPublisher:
+    """The driver's ``on_activity`` sink: live ``turn.activity`` events, best effort.
+
+    Published without confirms on its own channel and never retried: a lost delta costs
+    an observer some streaming text, never correctness (the committed turn has it all).
+    """
+
+    def __init__(self, exchange: AbstractExchange) -> None:
+        self._exchange = exchange
+        self.failures = 0
+
+    async def __call__(self, activity: TurnActivity) -> None:
+        body = json.dumps(activity.to_wire(), ensure_ascii=False).encode("utf-8")
+        message = aio_pika.Message(
+            body,
+            content_type=JSON,
+            type=activity.type,
+            headers={"session_id": activity.session_id},
+            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
+        )
+        try:
+            await self._exchange.publish(message, routing_key=activity.type)
+        except Exception as exc:
+            self.failures += 1
+            if self.failures == 1 or self.failures % 1000 == 0:
+                log.warning("activity_publish_failed", error=str(exc), failures=self.failures)
