@@ -7,6 +7,7 @@ repeats several times so both interleavings get exercised.
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 from typing import Any
 
 import psycopg
@@ -24,6 +25,10 @@ ROUNDS = 8
 TTL = 60_000
 
 
+def _dead(holder: object, claimant: object) -> bool:
+    return True
+
+
 async def test_two_first_claims_of_a_new_session_have_one_winner(
     stores: tuple[PostgresStore, PostgresStore],
 ) -> None:
@@ -31,8 +36,8 @@ async def test_two_first_claims_of_a_new_session_have_one_winner(
     for _ in range(ROUNDS):
         s = sid()
         ra, rb = await together(
-            lambda: a.try_claim_lease(s, owner("A"), TTL),
-            lambda: b.try_claim_lease(s, owner("B"), TTL),
+            partial(a.try_claim_lease, s, owner("A"), TTL),
+            partial(b.try_claim_lease, s, owner("B"), TTL),
         )
         results = [ra, rb]
         wins = [r for r in results if isinstance(r, Acquired)]
@@ -137,8 +142,8 @@ async def test_takeover_racing_a_claim_never_lets_both_generations_complete(
         lease_a = acquired(await a.try_claim_lease(s, owner("A"), TTL))
         await a.enqueue_input(draft(s))
         claim_a, takeover = await together(
-            lambda: a.claim_next_turn_inputs(lease_a.fence(), owner("A")),
-            lambda: b.reclaim_lease(s, owner("B"), lease_a.fence(), TTL, lambda h, c: True),
+            partial(a.claim_next_turn_inputs, lease_a.fence(), owner("A")),
+            partial(b.reclaim_lease, s, owner("B"), lease_a.fence(), TTL, _dead),
         )
         lease_b = acquired(takeover)
         assert lease_b.fencing_token == 2
@@ -156,7 +161,7 @@ async def test_concurrent_duplicate_admissions_make_one_row(
     a, b = stores
     for _ in range(ROUNDS // 2):
         s = sid()
-        calls = [lambda st=st: st.enqueue_input(draft(s, source_key="k1")) for st in (a, b) * 3]
+        calls = [partial(st.enqueue_input, draft(s, source_key="k1")) for st in (a, b) * 3]
         results = await together(*calls)
         assert not [r for r in results if isinstance(r, BaseException)], results
         statuses = sorted(r.status for r in results)  # type: ignore[union-attr]
@@ -178,8 +183,8 @@ async def test_cancel_racing_a_claim_has_exactly_one_winner(
         lease = acquired(await a.try_claim_lease(s, owner("A"), TTL))
         rec = (await a.enqueue_input(draft(s))).record
         claim, cancel = await together(
-            lambda: a.claim_next_turn_inputs(lease.fence(), owner("A")),
-            lambda: b.cancel_inputs(s, [InputIdTarget(value=rec.input_id)]),
+            partial(a.claim_next_turn_inputs, lease.fence(), owner("A")),
+            partial(b.cancel_inputs, s, [InputIdTarget(value=rec.input_id)]),
         )
         assert not isinstance(claim, BaseException) and not isinstance(cancel, BaseException)
         (result,) = cancel  # type: ignore[misc]

@@ -1095,40 +1095,32 @@ class PostgresStore(Store):
             if cc.session_id != sid:
                 raise Superseded(sid, cc.claim_id, "command")
         commit_hash = commit.commit_hash() if commit.turn else None
-        if commit.turn is not None:
-            stamp = (
-                await conn.execute(
-                    text(
-                        "SELECT turn_commit_hash, result FROM lash_turn_commits"
-                        " WHERE session_id = :s AND turn_id = :t"
-                    ),
-                    {"s": sid, "t": commit.turn.turn_id},
-                )
-            ).one_or_none()
-            if stamp is not None:
-                if stamp.turn_commit_hash != commit_hash:
-                    raise TurnCommitConflict(sid, commit.turn.turn_id)
-                if commit.release_lease and commit.fence is not None:
-                    _, row = await self._now_lease(conn, sid, "FOR UPDATE")
-                    await self._release(conn, row, commit.fence)
-                stored = CommitResult.model_validate(stamp.result)
-                return stored.model_copy(update={"replayed": True})
-        if commit.fence is None:
-            raise LeaseLost(sid, "commit without a lease fence")
+        # Lock the lease row first (whatever its state): every commit of the session
+        # serialises here, so the stamp and head read next are current, not a snapshot
+        # from before a concurrent commit finished.
+        now, lease_row = await self._now_lease(conn, sid, "FOR UPDATE")
         head_row = (
             await conn.execute(
                 text(
-                    f"SELECT {NOW_SQL} AS now_ms,"
-                    " (SELECT row_to_json(l) FROM lash_leases l WHERE l.session_id = :s"
-                    "  FOR UPDATE) AS lease,"
+                    "SELECT (SELECT row_to_json(t) FROM (SELECT turn_commit_hash, result"
+                    "  FROM lash_turn_commits WHERE session_id = :s AND turn_id = :t) t) AS stamp,"
                     " (SELECT row_to_json(x) FROM (SELECT head_revision, last_seq, usage"
                     "  FROM lash_sessions WHERE session_id = :s FOR UPDATE) x) AS session"
                 ),
-                {"s": sid},
+                {"s": sid, "t": commit.turn.turn_id if commit.turn else None},
             )
         ).one()
-        now = int(head_row.now_ms)
-        lease = lease_rules.validate_fence(lease_from_json(head_row.lease), commit.fence, sid, now)
+        stamp = head_row.stamp
+        if commit.turn is not None and stamp is not None:
+            if stamp["turn_commit_hash"] != commit_hash:
+                raise TurnCommitConflict(sid, commit.turn.turn_id)
+            if commit.release_lease and commit.fence is not None:
+                await self._release(conn, lease_row, commit.fence)
+            stored = CommitResult.model_validate(stamp["result"])
+            return stored.model_copy(update={"replayed": True})
+        if commit.fence is None:
+            raise LeaseLost(sid, "commit without a lease fence")
+        lease = lease_rules.validate_fence(lease_row, commit.fence, sid, now)
         session = head_row.session
         head = int(session["head_revision"]) if session else 0
         seen_head.append(head)
@@ -1139,7 +1131,7 @@ class PostgresStore(Store):
         new_head = head + 1
         appended: list[MessageNode] = []
         leaf_sql = "leaf_node_id"
-        params: dict[str, Any] = {"s": sid, "now": now, "head": new_head}
+        params: dict[str, Any] = {"s": sid, "now": now, "head": new_head, "prev": head}
         if isinstance(commit.graph, GraphReplace):
             await conn.execute(text("DELETE FROM lash_nodes WHERE session_id = :s"), {"s": sid})
         if isinstance(commit.graph, GraphAppend | GraphReplace):
@@ -1195,12 +1187,16 @@ class PostgresStore(Store):
                         checkpoint = COALESCE(CAST(:checkpoint AS jsonb),
                                               lash_sessions.checkpoint),
                         usage = CAST(:usage AS jsonb), updated_at_ms = :now
+                    WHERE lash_sessions.head_revision = :prev
                     RETURNING last_seq
                     """
                 ),
                 params,
             )
-        ).one()
+        ).one_or_none()
+        if ses is None:
+            # Backstop only: the lease row lock already serialises this session's commits.
+            raise HeadRevisionConflict(sid, commit.expected_head_revision, head + 1)
         first = int(ses.last_seq) - len(payloads) + 1
         events = [
             DurableEvent(
