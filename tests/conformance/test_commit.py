@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import pytest
 
-from lash_core.commit import SessionConfig
+from lash_core.commit import CommitResult, SessionConfig
 from lash_core.errors import (
     HeadRevisionConflict,
     LeaseLost,
@@ -14,6 +16,7 @@ from lash_core.errors import (
 )
 from lash_core.events import TurnCommitted
 from lash_core.inputs import InputState, NextTurnIngress
+from lash_core.leases import Lease
 from lash_core.outcomes import Stopped, Usage
 from lash_core.store.base import Residency, Store
 from lash_core.transcript import GraphReplace, TranscriptMessage
@@ -55,33 +58,36 @@ async def test_TC_01_commit_advances_head_and_persists_checkpoint(store: Store) 
     assert [n.node_id for n in state.nodes] == ["n1", "n2"]
 
 
-async def test_TC_02_head_cas_applies_exactly_once(store: Store) -> None:
-    lease = await lease_for(store, "s")
-    results = await race_settled(
-        lambda: store.commit(
+async def _cas_race(store: Store, lease: Lease, expected: int) -> str:
+    """Two commits expecting the same head race; returns the winner's node id."""
+
+    def attempt(node_id: str) -> Callable[[], Awaitable[CommitResult]]:
+        return lambda: store.commit(
             commit(
                 "s",
                 lease,
-                expected_head_revision=0,
-                graph=GraphReplace(nodes=[node("a", "A")], leaf_node_id="a"),
+                expected_head_revision=expected,
+                graph=GraphReplace(nodes=[node(node_id, node_id)], leaf_node_id=node_id),
             )
-        ),
-        lambda: store.commit(
-            commit(
-                "s",
-                lease,
-                expected_head_revision=0,
-                graph=GraphReplace(nodes=[node("b", "B")], leaf_node_id="b"),
-            )
-        ),
-    )
+        )
+
+    a, b = f"a{expected}", f"b{expected}"
+    results = await race_settled(attempt(a), attempt(b))
     errors = [r for r in results if isinstance(r, BaseException)]
-    assert len(errors) == 1 and isinstance(errors[0], HeadRevisionConflict)
-    assert errors[0].expected == 0 and errors[0].actual == 1
-    winner = 0 if errors[0] is results[1] else 1
-    state = await store.load_state("s")
-    assert state.head_revision == 1
-    assert [n.node_id for n in state.nodes] == [["a"], ["b"]][winner]
+    assert len(errors) == 1, f"expected exactly one HeadRevisionConflict, got {results!r}"
+    assert isinstance(errors[0], HeadRevisionConflict)
+    assert errors[0].expected == expected
+    return b if errors[0] is results[0] else a
+
+
+async def test_TC_02_head_cas_applies_exactly_once(store: Store) -> None:
+    """Both on a brand-new session (no session row yet) and on an existing one."""
+    lease = await lease_for(store, "s")
+    for expected in (0, 1):
+        winner = await _cas_race(store, lease, expected)
+        state = await store.load_state("s")
+        assert state.head_revision == expected + 1
+        assert [n.node_id for n in state.nodes] == [winner]
 
 
 async def test_TC_03_a_commit_never_touches_another_session(store: Store) -> None:
