@@ -1,0 +1,259 @@
+"""Our additions: the durable event log, the outbox and cross-worker wake-ups.
+
+lash keeps observation replay in one process's memory; this port writes every durable
+event in the same transaction as its state change with a gapless per-session ``seq``
+(DESIGN.md difference 4), publishes it through an outbox, and wakes other workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from lash_core.events import (
+    InputAccepted,
+    InputAdmitted,
+    InputCancelled,
+    TurnCommitted,
+    TurnStarted,
+    parse_cursor,
+    session_shard,
+)
+from lash_core.inputs import InputIdTarget
+from lash_core.store.base import Notification, Store
+from tests.conformance.conftest import (
+    active,
+    append,
+    command_draft,
+    commit,
+    draft,
+    final,
+    lease_for,
+    node,
+)
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+
+async def test_events_seq_is_gapless_across_admission_claim_and_commit(store: Store) -> None:
+    lease = await lease_for(store, "s")
+    cmd = await store.enqueue_command(command_draft("s", "c"))  # commands have no event
+    first = await store.enqueue_input(draft("s", "hello"))
+    start = await store.start_turn(lease.fence(), "t1")
+    assert start is not None and start.claim is not None
+    steer = await store.enqueue_input(draft("s", "steer", ingress=active("t1")))
+    dropped = await store.enqueue_input(draft("s", "drop"))
+    await store.cancel_inputs("s", [InputIdTarget(value=dropped.record.input_id)])
+    accepted = await store.claim_active_turn_inputs(lease.fence(), lease.owner, "t1", "after_work")
+    assert accepted is not None
+    late = await store.enqueue_input(draft("s", "late", ingress=active("t1", "before_completion")))
+    result = await store.commit(
+        commit(
+            "s",
+            lease,
+            graph=append(node("u", "hello"), node("a", "hi!", parent="u", role="assistant")),
+            turn=final("t1", input_tokens=2),
+            completed_input_claims=[start.claim.completion(), accepted.completion()],
+            defer_active_inputs_of_turn="t1",
+        )
+    )
+    page = await store.events_after("s", 0)
+    assert [e.seq for e in page.events] == list(range(1, 9))
+    assert page.last_seq == 8 and not page.gap
+    assert [e.type for e in page.events] == [
+        "input.admitted",
+        "turn.started",
+        "input.admitted",
+        "input.admitted",
+        "input.cancelled",
+        "input.accepted",
+        "input.admitted",
+        "turn.committed",
+    ]
+    events = page.events
+    assert isinstance(events[0].payload, InputAdmitted)
+    assert events[0].payload.input.input_id == first.record.input_id
+    assert isinstance(events[1].payload, TurnStarted)
+    assert events[1].payload.input_ids == [first.record.input_id]
+    assert events[1].payload.lease_generation == lease.fencing_token
+    assert isinstance(events[4].payload, InputCancelled)
+    assert events[4].payload.input_ids == [dropped.record.input_id]
+    assert isinstance(events[5].payload, InputAccepted)
+    assert events[5].payload.input_ids == [steer.record.input_id]
+    [committed] = result.events
+    assert committed.seq == 8 and committed.revision == 1
+    assert isinstance(committed.payload, TurnCommitted)
+    assert committed.payload.input_ids == [first.record.input_id, steer.record.input_id]
+    assert committed.payload.deferred_input_ids == [late.record.input_id]
+    assert [m.text for m in committed.payload.messages] == ["hello", "hi!"]
+    assert all(e.revision == 0 for e in events[:7])
+    assert events[7] == committed
+    assert (await store.load_state("s")).last_seq == 8
+    claim = await store.claim_leading_command(lease.fence(), lease.owner)
+    assert claim is not None and claim.command.batch_id == cmd.command.batch_id
+    applied = await store.commit(
+        commit(
+            "s",
+            lease,
+            completed_command_claims=[claim.completion()],
+            applied_command=claim.command.command,
+            turn=final("t2"),
+        )
+    )
+    assert [(e.seq, e.type, e.revision) for e in applied.events] == [
+        (9, "session.command_applied", 2),
+        (10, "turn.committed", 2),
+    ]
+
+
+async def test_events_cursor_and_wire_identity(store: Store) -> None:
+    admitted = await store.enqueue_input(draft("chat:42", "x"))
+    event = admitted.event
+    assert event is not None
+    assert event.message_id == "chat:42:1"
+    assert parse_cursor(event.cursor, "chat:42") == ("chat:42", 0, 1)
+    wire = event.to_wire()
+    assert wire["seq"] == 1 and wire["type"] == "input.admitted"
+    assert wire["input"]["input_id"] == admitted.record.input_id
+    [stored] = (await store.events_after("chat:42", 0)).events
+    assert stored == event
+
+
+async def test_events_after_respects_limit_and_other_sessions(store: Store) -> None:
+    for n in range(5):
+        await store.enqueue_input(draft("s", f"{n}"))
+    await store.enqueue_input(draft("t", "other"))
+    page = await store.events_after("s", 1, limit=2)
+    assert [e.seq for e in page.events] == [2, 3] and page.last_seq == 5 and not page.gap
+    assert [e.seq for e in (await store.events_after("t", 0)).events] == [1]
+
+
+async def test_start_turn_without_inputs_writes_nothing(store: Store) -> None:
+    lease = await lease_for(store, "s")
+    assert await store.start_turn(lease.fence(), "t1") is None
+    assert (await store.events_after("s", 0)).last_seq == 0
+    row = await store.read_lease("s")
+    assert row is not None and row.running_turn_id is None
+    view = await store.read_session("s")
+    assert view.running_turn_id is None
+
+
+async def test_outbox_unpublished_and_mark_published(store: Store) -> None:
+    for sid in ("b", "a", "c"):
+        await store.enqueue_input(draft(sid, "1"))
+        await store.enqueue_input(draft(sid, "2"))
+    pending = await store.unpublished_events()
+    assert [(e.session_id, e.seq) for e in pending] == [
+        ("a", 1),
+        ("a", 2),
+        ("b", 1),
+        ("b", 2),
+        ("c", 1),
+        ("c", 2),
+    ]
+    assert len(await store.unpublished_events(limit=3)) == 3
+    await store.mark_published(pending[:3])
+    left = await store.unpublished_events()
+    assert [(e.session_id, e.seq) for e in left] == [("b", 2), ("c", 1), ("c", 2)]
+    await store.mark_published(left)
+    await store.mark_published(left)  # idempotent
+    assert await store.unpublished_events() == []
+    # Still readable after publishing.
+    assert len((await store.events_after("a", 0)).events) == 2
+
+
+async def test_outbox_shards_split_sessions(store: Store) -> None:
+    sessions = [f"sess-{n}" for n in range(12)]
+    for sid in sessions:
+        await store.enqueue_input(draft(sid, "x"))
+    seen: list[str] = []
+    for shard in range(3):
+        events = await store.unpublished_events(shard=shard, shard_count=3)
+        assert all(session_shard(e.session_id) % 3 == shard for e in events)
+        seen.extend(e.session_id for e in events)
+    assert sorted(seen) == sorted(sessions)
+
+
+# --------------------------------------------------------------------------- notifications
+
+
+async def _await_notification(
+    store: Store,
+    matches: Callable[[Notification], bool],
+    trigger: Callable[[int], Awaitable[object]],
+    timeout_s: float = 15.0,
+) -> Notification:
+    """Subscribe, then fire ``trigger`` until a matching wake-up arrives (a LISTEN
+    connection may need a moment to be ready, so one trigger alone could be missed)."""
+    stream: AsyncIterator[Notification] = store.notifications()
+
+    async def first_match() -> Notification:
+        async for note in stream:
+            if matches(note):
+                return note
+        raise AssertionError("notification stream ended")
+
+    waiter = asyncio.ensure_future(first_match())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    attempt = 0
+    try:
+        while not waiter.done():
+            if loop.time() > deadline:
+                raise AssertionError("no matching notification before the deadline")
+            await trigger(attempt)
+            attempt += 1
+            await asyncio.wait({waiter}, timeout=0.2)
+        return waiter.result()
+    finally:
+        waiter.cancel()
+        with contextlib.suppress(BaseException):
+            await waiter
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()
+
+
+async def test_notifications_work_and_events_on_admission(store: Store) -> None:
+    async def admit(n: int) -> object:
+        return await store.enqueue_input(draft("s", f"wake {n}"))
+
+    work = await _await_notification(
+        store, lambda n: n.kind == "work" and n.session_id == "s", admit
+    )
+    assert work.session_id == "s"
+    events = await _await_notification(
+        store, lambda n: n.kind == "events" and n.session_id == "s", admit
+    )
+    assert events.session_id == "s"
+
+
+async def test_notifications_work_on_command_and_release(store: Store) -> None:
+    async def enqueue(n: int) -> object:
+        return await store.enqueue_command(command_draft("c", f"k{n}"))
+
+    await _await_notification(store, lambda n: n.kind == "work" and n.session_id == "c", enqueue)
+
+    async def cycle(n: int) -> object:
+        lease = await lease_for(store, "r", f"w{n}")
+        await store.release_lease(lease.fence())
+        return None
+
+    await _await_notification(store, lambda n: n.kind == "work" and n.session_id == "r", cycle)
+
+
+async def test_notifications_cancel_names_the_turn(store: Store) -> None:
+    lease = await lease_for(store, "s")
+    await store.start_turn(lease.fence(), "t1", require_inputs=False)
+
+    async def cancel(n: int) -> object:
+        return await store.request_turn_cancel("s", None, f"stop {n}")
+
+    note = await _await_notification(
+        store, lambda n: n.kind == "cancel" and n.session_id == "s", cancel
+    )
+    assert note.turn_id == "t1"
