@@ -29,6 +29,7 @@ from lash_core.engine.lease_guard import LeaseGuard
 from lash_core.engine.reports import DrainReport, TurnReport
 from lash_core.engine.turn import TurnContext, TurnControl, TurnOutput, TurnRunner
 from lash_core.errors import (
+    HeadRevisionConflict,
     LeaseLost,
     RetryableStoreError,
     Superseded,
@@ -490,6 +491,14 @@ class SessionDriver:
         while True:
             try:
                 return await self.store.commit(commit)
+            except HeadRevisionConflict as exc:
+                # A lock timeout or serialization failure may surface as a conflict although
+                # the head never moved: that one is transient. A moved head is not.
+                if exc.actual != commit.expected_head_revision or not guard.can_still_be_valid():
+                    raise
+                log.info("commit_retry_head_unchanged", session_id=commit.session_id)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, COMMIT_BACKOFF_MAX_S)
             except RetryableStoreError as exc:
                 if not guard.can_still_be_valid():
                     log.warning("commit_retry_after_ttl", session_id=commit.session_id)
