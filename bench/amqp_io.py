@@ -1,0 +1,147 @@
+"""The benchmark's two AMQP roles: publishing the workload and observing commits.
+
+Both run in the benchmark process on one connection, so publish and commit timestamps
+come from one monotonic clock. Publishing uses publisher confirms (a message counts as
+sent only once the broker has it) and, in latency mode, a fixed schedule so the offered
+load is a rate, not a burst.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMessage
+
+from bench.tracker import CommitTracker
+from bench.workload import Submission
+
+EventHandler = Callable[[CommitTracker, dict[str, Any], float], None]
+
+
+class Observer:
+    """An exclusive queue bound to an observation exchange, feeding a :class:`CommitTracker`."""
+
+    def __init__(
+        self,
+        connection: AbstractConnection,
+        exchange_name: str,
+        tracker: CommitTracker,
+        handler: EventHandler,
+    ) -> None:
+        self._connection = connection
+        self._exchange_name = exchange_name
+        self._tracker = tracker
+        self._handler = handler
+        self._channel: AbstractChannel | None = None
+        self.received = 0
+        self.undecodable = 0
+
+    async def start(self) -> None:
+        channel = await self._connection.channel()
+        await channel.set_qos(prefetch_count=2000)
+        exchange = await channel.get_exchange(self._exchange_name, ensure=True)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange)
+        await queue.consume(self._on_message, no_ack=True)
+        self._channel = channel
+
+    async def stop(self) -> None:
+        if self._channel is not None:
+            with contextlib.suppress(Exception):
+                await self._channel.close()
+            self._channel = None
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        at = time.perf_counter()
+        self.received += 1
+        try:
+            body = json.loads(message.body)
+        except ValueError:
+            self.undecodable += 1
+            return
+        if not isinstance(body, dict):
+            self.undecodable += 1
+            return
+        event_type = str(body.get("type") or message.type or "?")
+        self._tracker.count_event(event_type)
+        durable = body.get("durable", True) is not False
+        if durable and self._tracker.seen_message(message.message_id):
+            return
+        self._handler(self._tracker, body, at)
+
+
+async def publish_workload(
+    channel: AbstractChannel,
+    exchange_name: str,
+    routing_key: str,
+    submissions: list[Submission],
+    tracker: CommitTracker,
+    *,
+    rate: float | None = None,
+    max_in_flight: int = 256,
+) -> int:
+    """Publish every submission (confirmed); at ``rate`` per second if given.
+
+    Returns the number of messages published. The publish time of each input is taken
+    just before its publish call, on the same clock the observer stamps commits with.
+    """
+    exchange = await channel.get_exchange(exchange_name, ensure=True)
+    slots = asyncio.Semaphore(max_in_flight)
+    errors: list[BaseException] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def send(sub: Submission) -> None:
+        try:
+            message = aio_pika.Message(
+                sub.body,
+                content_type="application/json",
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                message_id=uuid.uuid4().hex,
+                type=routing_key,
+            )
+            tracker.published(sub.input_id)
+            await exchange.publish(message, routing_key=routing_key)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            slots.release()
+
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    for index, sub in enumerate(submissions):
+        if errors:
+            break
+        if rate is not None:
+            delay = start + index / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+        await slots.acquire()
+        task = asyncio.create_task(send(sub))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.gather(*tasks)
+    if errors:
+        raise RuntimeError(f"publishing failed: {errors[0]!r}") from errors[0]
+    return len(submissions)
+
+
+async def queue_state(connection: AbstractConnection, name: str) -> tuple[int, int] | None:
+    """``(messages, consumers)`` of a queue, or None if it does not exist (yet)."""
+    channel = await connection.channel()
+    try:
+        queue = await channel.declare_queue(name, passive=True)
+        result = queue.declaration_result
+        return int(result.message_count or 0), int(result.consumer_count or 0)
+    except (aio_pika.exceptions.ChannelClosed, aio_pika.exceptions.ChannelNotFoundEntity):
+        return None
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()

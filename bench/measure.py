@@ -1,0 +1,297 @@
+"""One measured run: fresh resources, W processes, a workload, the numbers.
+
+The procedure is identical for the pipeline and the baseline (only the
+:class:`~bench.targets.Target` differs): start W processes on a fresh database and
+namespace, wait until all W consume, bind the observer, publish S x K inputs (as fast
+as confirms allow, or at a fixed rate), wait until every input is seen committed, then
+sample memory, stop the processes and read the database's committed-transaction count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+from aio_pika.abc import AbstractConnection
+
+from bench import profiling
+from bench.amqp_io import Observer, publish_workload, queue_state
+from bench.options import BenchOptions
+from bench.procs import Fleet
+from bench.progress import show_progress
+from bench.resources import (
+    dbname_of,
+    delete_namespace,
+    fresh_database,
+    settled_xact_commit,
+    unique_namespace,
+    xact_commit,
+)
+from bench.stats import latency_summary
+from bench.targets import ROUTING_KEY, Target
+from bench.tracker import CommitTracker
+from bench.workload import build_workload
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What one run does."""
+
+    mode: str
+    workers: int
+    sessions: int
+    inputs_per_session: int
+    concurrency: int
+    rate: float | None = None
+    # Profile the first process: "py-spy" or "pyinstrument"; output under profile_dir.
+    profiler: str | None = None
+    profile_path: Path | None = None
+
+
+class RunFailed(RuntimeError):
+    """A run could not complete; the message says why and where the logs are."""
+
+
+async def _wait_ready(
+    connection: AbstractConnection,
+    queue: str,
+    exchange: str,
+    fleet: Fleet,
+    want: int,
+    timeout_s: float,
+) -> None:
+    """Until ``want`` consumers are on ``queue`` and ``exchange`` exists; fail on a dead process."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        dead = fleet.dead()
+        if dead:
+            member = dead[0]
+            raise RunFailed(
+                f"{member.name} exited with {member.proc.returncode} before it was ready:\n"
+                f"{member.log_tail()}"
+            )
+        state = await queue_state(connection, queue)
+        if state is not None and state[1] >= want and await _exchange_exists(connection, exchange):
+            return
+        if loop.time() > deadline:
+            seen = "no queue" if state is None else f"{state[1]} consumers"
+            raise RunFailed(f"not ready after {timeout_s:.0f}s ({seen} on {queue}, want {want})")
+        await asyncio.sleep(0.2)
+
+
+async def _exchange_exists(connection: AbstractConnection, name: str) -> bool:
+    channel = await connection.channel()
+    try:
+        await channel.declare_exchange(name, passive=True)
+        return True
+    except aio_pika.exceptions.ChannelClosed:
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await channel.close()
+
+
+async def _watch_dead_letters(
+    connection: AbstractConnection, queue: str, tracker: CommitTracker, interval_s: float = 1.0
+) -> None:
+    """Fail the run as soon as anything is dead-lettered: such a run measures nothing."""
+    while True:
+        await asyncio.sleep(interval_s)
+        state = await queue_state(connection, queue)
+        if state is not None and state[0] > 0:
+            tracker.fail(
+                f"{state[0]} message(s) dead-lettered to {queue} "
+                f"({len(tracker.committed_at)}/{len(tracker.expected)} committed)"
+            )
+            return
+
+
+async def _sample_memory(fleet: Fleet, interval_s: float = 0.5) -> None:
+    while True:
+        fleet.sample_memory()
+        await asyncio.sleep(interval_s)
+
+
+def _per_s(count: int, seconds: float) -> float:
+    return round(count / seconds, 2) if seconds > 0 else 0.0
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    return round(numerator / denominator, 3) if denominator else None
+
+
+async def measure(target: Target, spec: RunSpec, opts: BenchOptions) -> dict[str, Any]:
+    """Run ``spec`` against ``target``; return the result record (see README in bench/)."""
+    namespace = unique_namespace(opts.namespace_prefix)
+    log_dir = Path(tempfile.mkdtemp(prefix=f"lash-bench-{target.kind}-"))
+    label = f"{spec.mode}/{target.kind} W={spec.workers}"
+    failed = True
+    connection = await aio_pika.connect(opts.amqp_url)
+    try:
+        async with fresh_database(opts.database_url) as database_url:
+            dbname = dbname_of(database_url)
+            result = await _measure_in(
+                target, spec, opts, connection, database_url, dbname, namespace, log_dir, label
+            )
+            failed = False
+            return result
+    finally:
+        with contextlib.suppress(Exception):
+            await delete_namespace(opts.amqp_url, namespace, target.known_names(namespace))
+        with contextlib.suppress(Exception):
+            await connection.close()
+        if failed or opts.keep_logs:
+            print(f"[bench] {label}: process logs kept in {log_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(log_dir, ignore_errors=True)
+
+
+async def _measure_in(
+    target: Target,
+    spec: RunSpec,
+    opts: BenchOptions,
+    connection: AbstractConnection,
+    database_url: str,
+    dbname: str,
+    namespace: str,
+    log_dir: Path,
+    label: str,
+) -> dict[str, Any]:
+    await target.prepare(database_url, namespace, connection)
+    fleet = Fleet()
+    tracker = CommitTracker()
+    observer = Observer(
+        connection, target.observations_exchange(namespace), tracker, target.handle_event
+    )
+    background: list[asyncio.Task[None]] = []
+    spy: profiling.PySpy | None = None
+    try:
+        for index in range(spec.workers):
+            argv, env = target.command(
+                database_url, opts.amqp_url, namespace, index, spec.concurrency
+            )
+            if index == 0 and spec.profiler == "pyinstrument" and spec.profile_path is not None:
+                argv = profiling.pyinstrument_command(argv, spec.profile_path)
+            await fleet.start(f"{target.kind}-{index}", argv, env, log_dir)
+        await _wait_ready(
+            connection,
+            target.ready_queue(namespace),
+            target.observations_exchange(namespace),
+            fleet,
+            spec.workers,
+            opts.ready_timeout_s,
+        )
+        submissions = build_workload(spec.sessions, spec.inputs_per_session)
+        tracker.expect(submissions)
+        await observer.start()
+        if spec.profiler == "py-spy" and spec.profile_path is not None:
+            spy = profiling.PySpy(fleet.members[0].pid, spec.profile_path)
+            await spy.start()
+        xact_before = await xact_commit(opts.database_url, dbname)
+        background.append(asyncio.create_task(_sample_memory(fleet)))
+        background.append(asyncio.create_task(show_progress(label, tracker, opts.progress)))
+        background.append(
+            asyncio.create_task(
+                _watch_dead_letters(connection, f"{namespace}.dead-letter", tracker)
+            )
+        )
+        publish_channel = await connection.channel(publisher_confirms=True)
+        published = await publish_workload(
+            publish_channel,
+            target.ingress_exchange(namespace),
+            ROUTING_KEY,
+            submissions,
+            tracker,
+            rate=spec.rate,
+        )
+        publish_s = time.perf_counter() - (tracker.first_publish or time.perf_counter())
+        await tracker.wait_all(opts.stall_timeout_s)
+        fleet.sample_memory()
+        if spy is not None:
+            await spy.stop()
+        ingress_state = await queue_state(connection, target.ready_queue(namespace))
+        dead_state = await queue_state(connection, f"{namespace}.dead-letter")
+        await publish_channel.close()
+    except BaseException as exc:
+        if opts.progress:
+            sys.stderr.write("\n")
+        tails = "\n".join(f"--- {m.name} ---\n{m.log_tail(20)}" for m in fleet.members)
+        if isinstance(exc, Exception) and not isinstance(exc, RunFailed):
+            raise RunFailed(f"{label}: {exc}\n{tails}") from exc
+        raise
+    finally:
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        if spy is not None:
+            await spy.stop()
+        await observer.stop()
+        await fleet.stop()
+    xact_after = await settled_xact_commit(opts.database_url, dbname)
+    if spec.profiler == "py-spy" and spec.profile_path is not None and spec.profile_path.exists():
+        summary = profiling.summarize_collapsed(spec.profile_path.read_text(errors="replace"))
+        spec.profile_path.with_suffix(".summary.txt").write_text(summary)
+
+    committed = len(tracker.committed_at)
+    turns = len(tracker.turns)
+    first = tracker.first_publish or 0.0
+    last = tracker.last_commit or first
+    duration = max(last - first, 0.0)
+    xacts = xact_after - xact_before
+    events = observer.received
+    acks = published  # each ingress message is acked once: the queue is drained below
+    amqp_total = published + acks + events
+    return {
+        "kind": target.kind,
+        "mode": spec.mode,
+        "workers": spec.workers,
+        "concurrency": spec.concurrency,
+        "sessions": spec.sessions,
+        "inputs_per_session": spec.inputs_per_session,
+        "rate_target": spec.rate,
+        "inputs_published": published,
+        "inputs_committed": committed,
+        "turns": turns,
+        "duration_s": round(duration, 3),
+        "turns_per_s": _per_s(turns, duration),
+        "inputs_per_s": _per_s(committed, duration),
+        "inputs_per_turn": _ratio(committed, turns),
+        "publish_s": round(publish_s, 3),
+        "latency_ms": latency_summary(tracker.latencies_ms()),
+        "db": {
+            "xact_commit": xacts,
+            "tx_per_turn": _ratio(xacts, turns),
+            "tx_per_input": _ratio(xacts, committed),
+        },
+        "amqp": {
+            "publishes": published,
+            "acks": acks,
+            "events": events,
+            "total": amqp_total,
+            "per_turn": _ratio(amqp_total, turns),
+            "events_per_turn": _ratio(events, turns),
+            "ingress_left": None if ingress_state is None else ingress_state[0],
+            "dead_letters": None if dead_state is None else dead_state[0],
+        },
+        "rss_kib": {
+            "end": [m.rss_end_kib for m in fleet.members],
+            "peak": [m.rss_peak_kib for m in fleet.members],
+            "end_max": max((m.rss_end_kib or 0 for m in fleet.members), default=0),
+            "peak_max": max((m.rss_peak_kib or 0 for m in fleet.members), default=0),
+        },
+        "events_by_type": dict(tracker.events_by_type),
+        "outcomes": dict(tracker.outcomes),
+        "duplicate_events": tracker.duplicate_events,
+        "unmatched_commits": tracker.unmatched,
+        "observer_undecodable": observer.undecodable,
+        "profile": str(spec.profile_path) if spec.profile_path is not None else None,
+    }

@@ -1,0 +1,127 @@
+"""Worker processes under test: start with an environment, sample memory, stop cleanly.
+
+Both the real workers and the baseline consumers run as separate processes, so neither
+shares the benchmark's event loop and both are measured the same way (RSS from
+``/proc/<pid>/status``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def memory_kib(pid: int) -> tuple[int, int] | None:
+    """``(VmRSS, VmHWM)`` of a live process in KiB: resident now and its peak."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    values: dict[str, int] = {}
+    for line in text.splitlines():
+        key, _, rest = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            values[key] = int(rest.split()[0])
+    if "VmRSS" not in values:
+        return None
+    return values["VmRSS"], values.get("VmHWM", values["VmRSS"])
+
+
+def process_env(extra: dict[str, str]) -> dict[str, str]:
+    """The current environment plus ``extra``, with the repository importable.
+
+    The project may not be pip-installed; putting the repository root on ``PYTHONPATH``
+    lets ``python -m consumer.cli`` and ``python -m bench.baseline_worker`` import either way.
+    """
+    env = dict(os.environ)
+    env.update(extra)
+    path = env.get("PYTHONPATH", "")
+    env["PYTHONPATH"] = str(REPO_ROOT) + (os.pathsep + path if path else "")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+@dataclass
+class Managed:
+    """One started process and where its output goes."""
+
+    name: str
+    proc: asyncio.subprocess.Process
+    log_path: Path
+    rss_end_kib: int | None = None
+    rss_peak_kib: int | None = None
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def sample_memory(self) -> None:
+        mem = memory_kib(self.pid)
+        if mem is None:
+            return
+        rss, hwm = mem
+        self.rss_end_kib = rss
+        self.rss_peak_kib = max(self.rss_peak_kib or 0, hwm, rss)
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+        return "\n".join(text.splitlines()[-lines:])
+
+
+@dataclass
+class Fleet:
+    """A group of processes started together and stopped together."""
+
+    members: list[Managed] = field(default_factory=list)
+
+    async def start(
+        self, name: str, argv: list[str], env: dict[str, str], log_dir: Path
+    ) -> Managed:
+        log_path = log_dir / f"{name}.log"
+        with log_path.open("wb") as log:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                env=env,
+                cwd=str(REPO_ROOT),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log,
+                stderr=asyncio.subprocess.STDOUT,
+            )
+        member = Managed(name=name, proc=proc, log_path=log_path)
+        self.members.append(member)
+        return member
+
+    def dead(self) -> list[Managed]:
+        return [m for m in self.members if m.proc.returncode is not None]
+
+    def sample_memory(self) -> None:
+        for member in self.members:
+            member.sample_memory()
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM every member, wait for a clean exit, SIGKILL what is left."""
+        for member in self.members:
+            if member.proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    member.proc.send_signal(signal.SIGTERM)
+        waits = [asyncio.wait_for(m.proc.wait(), timeout_s) for m in self.members]
+        results = await asyncio.gather(*waits, return_exceptions=True)
+        for member, result in zip(self.members, results, strict=True):
+            if isinstance(result, BaseException):
+                with contextlib.suppress(ProcessLookupError):
+                    member.proc.kill()
+                await member.proc.wait()
+
+
+def python_module(module: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", module, *args]

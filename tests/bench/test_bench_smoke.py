@@ -1,0 +1,172 @@
+"""The benchmark works end to end on a handful of messages (never any timing assertion).
+
+The harness is checked against the raw baseline always, and against real worker
+processes when ``consumer.cli`` exists; the pure parts (matching commits to publishes,
+percentiles, the profile summary, the table) are checked without services.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.measure import RunSpec, measure
+from bench.options import BenchOptions, parse_options
+from bench.profiling import summarize_collapsed
+from bench.report import attach_baseline_ratios, render_table, write_json
+from bench.run import run_bench
+from bench.stats import latency_summary, percentile
+from bench.targets import BaselineTarget
+from bench.tracker import CommitTracker
+from bench.workload import build_workload
+from tests import services
+
+
+def _options(tmp_path: Path, **overrides: Any) -> BenchOptions:
+    opts = BenchOptions(
+        workers=[1],
+        sessions=3,
+        inputs_per_session=2,
+        concurrency=4,
+        modes=["throughput"],
+        database_url=services.base_database_url(),
+        amqp_url=services.base_amqp_url(),
+        namespace_prefix="lashtbench",
+        results_dir=tmp_path,
+        progress=False,
+        stall_timeout_s=30.0,
+    )
+    for name, value in overrides.items():
+        setattr(opts, name, value)
+    return opts
+
+
+def _check_run(run: dict[str, Any], inputs: int) -> None:
+    assert "error" not in run, run.get("error")
+    assert run["inputs_published"] == inputs
+    assert run["inputs_committed"] == inputs
+    assert 1 <= run["turns"] <= inputs
+    assert run["latency_ms"]["count"] == inputs
+    for key in ("p50", "p95", "p99", "max", "mean"):
+        assert run["latency_ms"][key] >= 0
+    assert run["turns_per_s"] > 0 and run["inputs_per_s"] > 0
+    assert run["db"]["xact_commit"] >= 0 and run["db"]["tx_per_turn"] is not None
+    assert run["amqp"]["publishes"] == inputs
+    assert run["amqp"]["events"] >= run["turns"]
+    assert run["amqp"]["per_turn"] is not None
+    assert run["amqp"]["ingress_left"] == 0
+    assert len(run["rss_kib"]["end"]) == run["workers"]
+    assert run["rss_kib"]["peak_max"] >= run["rss_kib"]["end_max"] > 0
+    assert run["unmatched_commits"] == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+async def test_baseline_run_counts_every_input(tmp_path: Path) -> None:
+    opts = _options(tmp_path)
+    run = await measure(BaselineTarget(), RunSpec("throughput", 1, 3, 2, 4), opts)
+    _check_run(run, 6)
+    assert run["kind"] == "baseline"
+    assert run["turns"] == 6  # the baseline confirms each message on its own
+    assert run["events_by_type"] == {"baseline.committed": 6}
+
+
+@pytest.mark.postgres
+@pytest.mark.rabbitmq
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(
+    importlib.util.find_spec("consumer.cli") is None,
+    reason="the worker (consumer.cli) is not built",
+)
+async def test_pipeline_and_baseline_report(tmp_path: Path) -> None:
+    opts = _options(tmp_path, modes=["throughput", "latency"], rate=20.0)
+    results = await run_bench(opts, stamp="smoke")
+    runs = results["runs"]
+    assert [(r["mode"], r["kind"]) for r in runs] == [
+        ("throughput", "baseline"),
+        ("throughput", "pipeline"),
+        ("latency", "baseline"),
+        ("latency", "pipeline"),
+    ]
+    for run in runs:
+        _check_run(run, 6)
+    pipeline = runs[1]
+    assert pipeline["outcomes"] and all(o.startswith("finished/") for o in pipeline["outcomes"])
+    assert pipeline["events_by_type"].get("turn.committed", 0) >= pipeline["turns"]
+    assert pipeline["vs_baseline"]["inputs_per_s"] is not None
+    assert runs[3]["rate_target"] == 20.0
+    path = write_json(tmp_path / "smoke.json", results)
+    assert json.loads(path.read_text())["runs"][1]["inputs_committed"] == 6
+    table = render_table(runs)
+    assert "pipeline" in table and "baseline" in table and "FAILED" not in table
+
+
+def test_tracker_matches_commits_by_input_id_or_source_key() -> None:
+    subs = build_workload(2, 2, tag="t")
+    tracker = CommitTracker()
+    tracker.expect(subs)
+    for index, sub in enumerate(subs):
+        tracker.published(sub.input_id, at=float(index))
+    a, b, c, d = subs
+    tracker.committed("s0:turn1", [a.input_id], "finished/assistant_message", at=10.0)
+    # A worker-minted id, seen committed before its admission event names the source key.
+    tracker.committed("s1:turn1", ["ti_minted"], "finished/assistant_message", at=11.0)
+    tracker.admitted(b.session_id, b.source_key, "ti_minted")
+    tracker.committed("s0:turn1", [a.input_id], "finished/assistant_message", at=12.0)
+    assert tracker.duplicate_events == 1
+    tracker.committed("s0:turn2", [c.input_id, d.input_id], None, at=13.0)
+    assert sorted(tracker.latencies_ms()) == [10000.0, 10000.0, 10000.0, 11000.0]
+    assert len(tracker.turns) == 3 and tracker.unmatched == 0
+    assert tracker.seen_message("x:1") is False and tracker.seen_message("x:1") is True
+
+
+def test_percentiles_and_summary() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile(values, 100) == 100.0
+    summary = latency_summary(values)
+    assert summary["count"] == 100 and summary["p95"] == 95.0 and summary["max"] == 100.0
+    assert latency_summary([]) == {"count": 0}
+
+
+def test_profile_summary_groups_by_library() -> None:
+    collapsed = (
+        "run (asyncio/events.py:80);execute (sqlalchemy/engine/base.py:10) 3\n"
+        "run (asyncio/events.py:80);dumps (json/encoder.py:5) 1\n"
+    )
+    text = summarize_collapsed(collapsed)
+    assert "4 samples" in text
+    assert "75.0%  sqlalchemy" in text
+
+
+def test_report_ratio_and_options() -> None:
+    base = {
+        "kind": "baseline",
+        "mode": "throughput",
+        "workers": 1,
+        "sessions": 1,
+        "inputs_per_session": 1,
+        "inputs_per_s": 100.0,
+        "latency_ms": {"p99": 10.0},
+    }
+    pipe = {
+        **base,
+        "kind": "pipeline",
+        "inputs_per_s": 50.0,
+        "turns_per_s": 25.0,
+        "latency_ms": {"p99": 40.0},
+    }
+    attach_baseline_ratios([base, pipe])
+    assert pipe["vs_baseline"] == {
+        "inputs_per_s": 0.5,
+        "turns_per_s_vs_messages_per_s": 0.25,
+        "p99_latency": 4.0,
+    }
+    opts = parse_options(["--quick", "--workers", "1,3", "--modes", "all", "--rate", "5"])
+    assert opts.workers == [1, 3] and opts.sessions == 20 and opts.rate == 5.0
+    assert opts.modes == ["throughput", "latency", "scale"] and opts.latency_w == 3
