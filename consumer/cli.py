@@ -488,6 +488,20 @@ def cancel_input(
         )
 
 
+# --------------------------------------------------------------------------- bench
+
+
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def bench(ctx: typer.Context) -> None:
+    """Benchmark the fleet against a raw baseline (see ``lash-consumer bench --help``)."""
+    from bench.run import main as bench_main
+
+    raise typer.Exit(bench_main(list(ctx.args)))
+
+
 def main() -> None:
     """Console-script entry point."""
     app(prog_name="lash-consumer")
