@@ -111,8 +111,7 @@ NOW_SQL = "floor(extract(epoch from transaction_timestamp()) * 1000)::bigint"
 LockMode = Literal["", "FOR SHARE", "FOR UPDATE"]
 Note = tuple[str, str | None]  # (kind, turn_id)
 
-_LEASE_UPSERT = text(
-    """
+LEASE_UPSERT_SQL = """
     INSERT INTO lash_leases (session_id, owner_id, incarnation_id, liveness, lease_token,
         fencing_token, claimed_at_ms, expires_at_ms, running_turn_id, cancel_requested,
         cancel_reason)
@@ -125,8 +124,63 @@ _LEASE_UPSERT = text(
         claimed_at_ms = EXCLUDED.claimed_at_ms, expires_at_ms = EXCLUDED.expires_at_ms,
         running_turn_id = EXCLUDED.running_turn_id,
         cancel_requested = EXCLUDED.cancel_requested, cancel_reason = EXCLUDED.cancel_reason
+"""
+_LEASE_UPSERT = text(LEASE_UPSERT_SQL)
+
+#: Allocates ``:en`` event seqs on the session row (creating it) and returns the last one.
+_SESSION_SEQ_CTE = """ses AS (
+    INSERT INTO lash_sessions (session_id, last_seq, created_at_ms, updated_at_ms)
+    {source}
+    ON CONFLICT (session_id) DO UPDATE SET last_seq = lash_sessions.last_seq + :en,
+        updated_at_ms = :enow
+    RETURNING last_seq, head_revision)"""
+#: Inserts the events numbered from the seqs the ``ses`` CTE allocated.
+_EVENTS_CTE = """ev AS (
+    INSERT INTO lash_events (session_id, seq, revision, type, payload, created_at_ms, shard)
+    SELECT :es, ses.last_seq - :en + v.k, ses.head_revision, v.t, CAST(v.p AS jsonb), :enow,
+        :eshard
+    FROM ses, (VALUES {values}) AS v(k, t, p)
+    RETURNING 1)"""
+
+
+def _event_params(
+    session_id: str, now: int, payloads: Sequence[EventPayload], notes: Sequence[Note]
+) -> tuple[dict[str, Any], str, list[str]]:
+    """Bind parameters, the ``VALUES`` rows of the events and the ``pg_notify`` calls.
+
+    Appended events always add an ``events`` wake-up.
     """
-)
+    params: dict[str, Any] = {
+        "es": session_id,
+        "en": len(payloads),
+        "enow": now,
+        "eshard": session_shard(session_id),
+        "ch": notify.CHANNEL,
+    }
+    rows: list[str] = []
+    for i, payload in enumerate(payloads):
+        rows.append(f"({i + 1}, CAST(:et{i} AS text), CAST(:ep{i} AS text))")
+        params[f"et{i}"] = payload.type
+        params[f"ep{i}"] = dumps(payload.model_dump(mode="json"))
+    calls: list[str] = []
+    all_notes = list(notes) + ([("events", None)] if payloads else [])
+    for i, (kind, turn_id) in enumerate(all_notes):
+        params[f"nt{i}"] = notify.payload(kind, session_id, turn_id)
+        calls.append(f"pg_notify(:ch, :nt{i})")
+    return params, ", ".join(rows), calls
+
+
+def _numbered(
+    session_id: str, last_seq: int, revision: int, now: int, payloads: Sequence[EventPayload]
+) -> list[DurableEvent]:
+    first = last_seq - len(payloads) + 1
+    return [
+        DurableEvent(
+            session_id=session_id, seq=first + i, revision=revision, payload=p, created_at_ms=now
+        )
+        for i, p in enumerate(payloads)
+    ]
+
 
 _WRITE_INPUTS = text(
     """
@@ -145,6 +199,27 @@ _WRITE_INPUTS = text(
     RETURNING p.input_id
     """
 )
+
+
+def _validate_completions(
+    commit: RuntimeCommit, inputs: list[list[str | None]], commands: list[list[str | None]]
+) -> None:
+    """Every completed row must still carry its claim's id and token (§3.5).
+
+    ``inputs`` / ``commands`` are ``[id, claim_id, claim_token]`` of the rows named by the
+    completions, read FOR UPDATE in this transaction.
+    """
+    sid = commit.session_id
+    owned = {row[0]: (row[1], row[2]) for row in inputs}
+    for ic in commit.completed_input_claims:
+        for input_id in ic.input_ids:
+            if owned.get(input_id) != (ic.claim_id, ic.claim_token):
+                raise Superseded(sid, ic.claim_id, "turn_input")
+    owned = {row[0]: (row[1], row[2]) for row in commands}
+    for cc in commit.completed_command_claims:
+        for batch_id in cc.batch_ids:
+            if owned.get(batch_id) != (cc.claim_id, cc.claim_token):
+                raise Superseded(sid, cc.claim_id, "command")
 
 
 class _Rollback(Exception):
@@ -293,77 +368,37 @@ class PostgresStore(Store):
         now: int,
         payloads: Sequence[EventPayload],
         notes: Sequence[Note] = (),
+        *,
+        lease: LeaseRow | None = None,
     ) -> list[DurableEvent]:
-        """Allocate the next ``seq`` values on the session row and insert the events."""
-        events: list[DurableEvent] = []
-        if payloads:
-            row = (
-                await conn.execute(
-                    text(
-                        "INSERT INTO lash_sessions (session_id, last_seq, created_at_ms,"
-                        " updated_at_ms) VALUES (:s, :n, :now, :now)"
-                        " ON CONFLICT (session_id) DO UPDATE SET"
-                        " last_seq = lash_sessions.last_seq + :n, updated_at_ms = :now"
-                        " RETURNING last_seq, head_revision"
-                    ),
-                    {"s": session_id, "n": len(payloads), "now": now},
-                )
-            ).one()
-            first = int(row.last_seq) - len(payloads) + 1
-            events = [
-                DurableEvent(
-                    session_id=session_id,
-                    seq=first + i,
-                    revision=int(row.head_revision),
-                    payload=p,
-                    created_at_ms=now,
-                )
-                for i, p in enumerate(payloads)
-            ]
-        await self._insert_events(conn, events, notes, session_id)
-        return events
-
-    async def _insert_events(
-        self,
-        conn: AsyncConnection,
-        events: Sequence[DurableEvent],
-        notes: Sequence[Note],
-        session_id: str,
-    ) -> None:
-        """Insert events and send notifications in one statement (delivered on commit)."""
-        all_notes = list(notes) + ([("events", None)] if events else [])
-        if not events and not all_notes:
-            return
-        params: dict[str, Any] = {"ch": notify.CHANNEL}
-        selects: list[str] = []
-        for i, (kind, turn_id) in enumerate(all_notes):
-            params[f"n{i}"] = notify.payload(kind, session_id, turn_id)
-            selects.append(f"pg_notify(:ch, :n{i})")
-        if not events:
-            await conn.execute(text("SELECT " + ", ".join(selects)), params)
-            return
-        values: list[str] = []
-        for i, ev in enumerate(events):
-            values.append(f"(:s{i}, :q{i}, :r{i}, :t{i}, CAST(:p{i} AS jsonb), :c{i}, :h{i})")
-            params.update(
-                {
-                    f"s{i}": ev.session_id,
-                    f"q{i}": ev.seq,
-                    f"r{i}": ev.revision,
-                    f"t{i}": ev.type,
-                    f"p{i}": dumps(ev.payload.model_dump(mode="json")),
-                    f"c{i}": ev.created_at_ms,
-                    f"h{i}": session_shard(ev.session_id),
-                }
+        """In one statement: optionally write ``lease``, allocate the next ``seq`` values on
+        the session row, insert the events and notify (delivered on commit)."""
+        params, values, calls = _event_params(session_id, now, payloads, notes)
+        ctes: list[str] = []
+        if lease is not None:
+            ctes.append(f"lease_w AS ({LEASE_UPSERT_SQL} RETURNING 1)")
+            params.update(lease_params(lease))
+        if not payloads:
+            if not ctes and not calls:
+                return []
+            head = "WITH " + ", ".join(ctes) + " " if ctes else ""
+            await conn.execute(text(head + "SELECT " + (", ".join(calls) or "1")), params)
+            return []
+        ctes.append(_SESSION_SEQ_CTE.format(source="VALUES (:es, :en, :enow, :enow)"))
+        ctes.append(_EVENTS_CTE.format(values=values))
+        row = (
+            await conn.execute(
+                text(
+                    "WITH "
+                    + ", ".join(ctes)
+                    + " SELECT ses.last_seq, ses.head_revision"
+                    + "".join(", " + c for c in calls)
+                    + " FROM ses"
+                ),
+                params,
             )
-        await conn.execute(
-            text(
-                "WITH ins AS (INSERT INTO lash_events (session_id, seq, revision, type, payload,"
-                " created_at_ms, shard) VALUES " + ", ".join(values) + " RETURNING 1) "
-                "SELECT (SELECT count(*) FROM ins), " + ", ".join(selects)
-            ),
-            params,
-        )
+        ).one()
+        return _numbered(session_id, int(row.last_seq), int(row.head_revision), now, payloads)
 
     async def _inputs(
         self, conn: AsyncConnection, where: str, params: dict[str, Any], suffix: str = ""
@@ -383,54 +418,72 @@ class PostgresStore(Store):
         sid = draft.session_id
         input_id = draft.input_id or self._ids.new_id("ti_")
         async with self._tx() as conn:
-            now, lease = await self._now_lease(conn, sid, "FOR SHARE")
+            # The lease row FOR SHARE serialises admission against a final commit's
+            # deferral of pending_active rows; the sequence value is drawn up front so the
+            # whole admission (row, session, event, wake-ups) is one more statement.
+            row = (
+                await conn.execute(
+                    text(
+                        f"SELECT {NOW_SQL} AS now_ms, (SELECT row_to_json(l) FROM lash_leases l"
+                        " WHERE l.session_id = :s FOR SHARE) AS lease,"
+                        " nextval('lash_enqueue_seq') AS seq"
+                    ),
+                    {"s": sid},
+                )
+            ).one()
+            now, lease = int(row.now_ms), lease_from_json(row.lease)
             running = lease.running_turn_id if lease and lease.is_live(now) else None
             ingress = rules.admitted_ingress(draft.ingress, running)
-            inserted = (
+            record = PendingTurnInput(
+                input_id=input_id,
+                session_id=sid,
+                source_key=draft.source_key,
+                ingress=ingress,
+                submitted_ingress=draft.ingress,
+                state=rules.initial_state(ingress),
+                enqueue_seq=int(row.seq),
+                input=draft.input,
+                enqueued_at_ms=now,
+            )
+            payload = InputAdmitted(input=record.public())
+            params, values, calls = _event_params(sid, now, [payload], [("work", None)])
+            params.update(
+                {
+                    "id": input_id,
+                    "seq": record.enqueue_seq,
+                    "key": draft.source_key,
+                    "ingress": dumps(ingress.model_dump(mode="json")),
+                    "submitted": dumps(draft.ingress.model_dump(mode="json")),
+                    "state": record.state.value,
+                    "input": dumps(draft.input.model_dump(mode="json")),
+                }
+            )
+            ses_cte = _SESSION_SEQ_CTE.format(source="SELECT :es, :en, :enow, :enow FROM ins")
+            admitted = (
                 await conn.execute(
                     text(
                         f"""
                         WITH ins AS (
-                            INSERT INTO lash_pending_inputs (input_id, session_id, source_key,
-                                ingress, submitted_ingress, state, input, enqueued_at_ms)
-                            VALUES (:id, :s, :key, CAST(:ingress AS jsonb),
-                                CAST(:submitted AS jsonb), :state, CAST(:input AS jsonb), :now)
+                            INSERT INTO lash_pending_inputs (input_id, session_id, enqueue_seq,
+                                source_key, ingress, submitted_ingress, state, input,
+                                enqueued_at_ms)
+                            VALUES (:id, :es, :seq, :key, CAST(:ingress AS jsonb),
+                                CAST(:submitted AS jsonb), :state, CAST(:input AS jsonb), :enow)
                             ON CONFLICT DO NOTHING
-                            RETURNING {INPUT_COLUMNS}),
-                        ses AS (
-                            INSERT INTO lash_sessions (session_id, last_seq, created_at_ms,
-                                updated_at_ms)
-                            SELECT :s, 1, :now, :now FROM ins
-                            ON CONFLICT (session_id) DO UPDATE SET
-                                last_seq = lash_sessions.last_seq + 1, updated_at_ms = :now
-                            RETURNING last_seq, head_revision)
-                        SELECT ins.*, ses.last_seq AS ev_seq, ses.head_revision AS ev_revision
-                        FROM ins CROSS JOIN ses
+                            RETURNING 1),
+                        {ses_cte},
+                        {_EVENTS_CTE.format(values=values)}
+                        SELECT ses.last_seq, ses.head_revision, {", ".join(calls)} FROM ses
                         """
                     ),
-                    {
-                        "id": input_id,
-                        "s": sid,
-                        "key": draft.source_key,
-                        "ingress": dumps(ingress.model_dump(mode="json")),
-                        "submitted": dumps(draft.ingress.model_dump(mode="json")),
-                        "state": rules.initial_state(ingress).value,
-                        "input": dumps(draft.input.model_dump(mode="json")),
-                        "now": now,
-                    },
+                    params,
                 )
             ).one_or_none()
-            if inserted is None:
+            if admitted is None:
                 return await self._existing_admission(conn, draft, input_id)
-            record = input_from_row(inserted._mapping)
-            event = DurableEvent(
-                session_id=sid,
-                seq=int(inserted.ev_seq),
-                revision=int(inserted.ev_revision),
-                payload=InputAdmitted(input=record.public()),
-                created_at_ms=now,
+            (event,) = _numbered(
+                sid, int(admitted.last_seq), int(admitted.head_revision), now, [payload]
             )
-            await self._insert_events(conn, [event], [("work", None)], sid)
             return InputAdmission(status=AdmissionStatus.ADMITTED, record=record, event=event)
 
     async def _existing_admission(
@@ -634,8 +687,7 @@ class PostgresStore(Store):
         new = lease_rules.decide_release(row, fence)
         if new is None:
             return False
-        await self._write_lease(conn, new)
-        await self._insert_events(conn, [], [("work", None)], fence.session_id)
+        await self._append_events(conn, fence.session_id, 0, [], [("work", None)], lease=new)
         return True
 
     async def read_lease(self, session_id: str) -> LeaseRow | None:
@@ -766,28 +818,19 @@ class PostgresStore(Store):
                 await self._write_inputs(
                     conn, sid, [r for r in resolved if r.input_id not in claimed], now
                 )
-                await self._write_lease(
-                    conn,
-                    lease.model_copy(
-                        update={
-                            "running_turn_id": turn_id,
-                            "cancel_requested": False,
-                            "cancel_reason": None,
-                        }
-                    ),
+                running = lease.model_copy(
+                    update={
+                        "running_turn_id": turn_id,
+                        "cancel_requested": False,
+                        "cancel_reason": None,
+                    }
                 )
-                (event,) = await self._append_events(
-                    conn,
-                    sid,
-                    now,
-                    [
-                        TurnStarted(
-                            turn_id=turn_id,
-                            input_ids=[r.input_id for r in claim.inputs] if claim else [],
-                            lease_generation=fence.fencing_token,
-                        )
-                    ],
+                started = TurnStarted(
+                    turn_id=turn_id,
+                    input_ids=[r.input_id for r in claim.inputs] if claim else [],
+                    lease_generation=fence.fencing_token,
                 )
+                (event,) = await self._append_events(conn, sid, now, [started], lease=running)
                 return TurnStart(
                     session_id=sid,
                     turn_id=turn_id,
@@ -956,7 +999,7 @@ class PostgresStore(Store):
                 )
             ).one_or_none()
             if inserted is not None:
-                await self._insert_events(conn, [], [("work", None)], sid)
+                await self._append_events(conn, sid, 0, [], [("work", None)])
                 return CommandAdmission(
                     status=AdmissionStatus.ADMITTED, command=command_from_row(inserted._mapping)
                 )
@@ -1105,9 +1148,20 @@ class PostgresStore(Store):
                     "SELECT (SELECT row_to_json(t) FROM (SELECT turn_commit_hash, result"
                     "  FROM lash_turn_commits WHERE session_id = :s AND turn_id = :t) t) AS stamp,"
                     " (SELECT row_to_json(x) FROM (SELECT head_revision, last_seq, usage"
-                    "  FROM lash_sessions WHERE session_id = :s FOR UPDATE) x) AS session"
+                    "  FROM lash_sessions WHERE session_id = :s FOR UPDATE) x) AS session,"
+                    " (SELECT json_agg(json_build_array(i.input_id, i.claim_id, i.claim_token))"
+                    "  FROM (SELECT input_id, claim_id, claim_token FROM lash_pending_inputs"
+                    "   WHERE session_id = :s AND input_id = ANY(:ids) FOR UPDATE) i) AS inputs,"
+                    " (SELECT json_agg(json_build_array(c.batch_id, c.claim_id, c.claim_token))"
+                    "  FROM (SELECT batch_id, claim_id, claim_token FROM lash_session_commands"
+                    "   WHERE session_id = :s AND batch_id = ANY(:bids) FOR UPDATE) c) AS commands"
                 ),
-                {"s": sid, "t": commit.turn.turn_id if commit.turn else None},
+                {
+                    "s": sid,
+                    "t": commit.turn.turn_id if commit.turn else None,
+                    "ids": [i for c in commit.completed_input_claims for i in c.input_ids],
+                    "bids": [b for c in commit.completed_command_claims for b in c.batch_ids],
+                },
             )
         ).one()
         stamp = head_row.stamp
@@ -1126,33 +1180,20 @@ class PostgresStore(Store):
         seen_head.append(head)
         if commit.expected_head_revision is not None and commit.expected_head_revision != head:
             raise HeadRevisionConflict(sid, commit.expected_head_revision, head)
-        await self._validate_completions(conn, commit)
+        _validate_completions(commit, head_row.inputs or [], head_row.commands or [])
 
         new_head = head + 1
+        last_seq = int(session["last_seq"]) if session else 0
         appended: list[MessageNode] = []
-        leaf_sql = "leaf_node_id"
-        params: dict[str, Any] = {"s": sid, "now": now, "head": new_head, "prev": head}
         if isinstance(commit.graph, GraphReplace):
             await conn.execute(text("DELETE FROM lash_nodes WHERE session_id = :s"), {"s": sid})
         if isinstance(commit.graph, GraphAppend | GraphReplace):
             appended = list(commit.graph.nodes)
-            leaf_sql = ":leaf"
-            params["leaf"] = commit.graph.leaf_node_id
-            await self._upsert_nodes(conn, sid, new_head, appended)
-        usage = Usage.model_validate(session["usage"]) if session else Usage()
-        if commit.usage is not None:
-            usage = usage + commit.usage
-        params.update(
-            {
-                "config": dumps(commit.config.model_dump(mode="json")) if commit.config else None,
-                "checkpoint": dumps(commit.checkpoint) if commit.checkpoint is not None else None,
-                "usage": dumps(usage.model_dump(mode="json")),
-            }
-        )
-
         input_ids = [i for c in commit.completed_input_claims for i in c.input_ids]
         batch_ids = [b for c in commit.completed_command_claims for b in c.batch_ids]
-        deferred = await self._complete_and_defer(conn, commit, input_ids, batch_ids, now)
+        deferred = await self._complete_and_defer(
+            conn, commit, input_ids, batch_ids, now, new_head, appended
+        )
 
         payloads: list[EventPayload] = []
         if commit.applied_command is not None:
@@ -1168,42 +1209,8 @@ class PostgresStore(Store):
                     deferred_input_ids=deferred,
                 )
             )
-        params["n"] = len(payloads)
-        ses = (
-            await conn.execute(
-                text(
-                    f"""
-                    INSERT INTO lash_sessions (session_id, head_revision, last_seq, leaf_node_id,
-                        config, checkpoint, usage, created_at_ms, updated_at_ms)
-                    VALUES (:s, :head, :n, {":leaf" if leaf_sql != "leaf_node_id" else "NULL"},
-                        CAST(:config AS jsonb), CAST(:checkpoint AS jsonb),
-                        CAST(:usage AS jsonb), :now, :now)
-                    ON CONFLICT (session_id) DO UPDATE SET head_revision = :head,
-                        last_seq = lash_sessions.last_seq + :n,
-                        leaf_node_id = {
-                        leaf_sql if leaf_sql != "leaf_node_id" else "lash_sessions.leaf_node_id"
-                    },
-                        config = COALESCE(CAST(:config AS jsonb), lash_sessions.config),
-                        checkpoint = COALESCE(CAST(:checkpoint AS jsonb),
-                                              lash_sessions.checkpoint),
-                        usage = CAST(:usage AS jsonb), updated_at_ms = :now
-                    WHERE lash_sessions.head_revision = :prev
-                    RETURNING last_seq
-                    """
-                ),
-                params,
-            )
-        ).one_or_none()
-        if ses is None:
-            # Backstop only: the lease row lock already serialises this session's commits.
-            raise HeadRevisionConflict(sid, commit.expected_head_revision, head + 1)
-        first = int(ses.last_seq) - len(payloads) + 1
-        events = [
-            DurableEvent(
-                session_id=sid, seq=first + i, revision=new_head, payload=p, created_at_ms=now
-            )
-            for i, p in enumerate(payloads)
-        ]
+        # The session row is locked (read FOR UPDATE above), so the seqs are known now.
+        events = _numbered(sid, last_seq + len(payloads), new_head, now, payloads)
         result = CommitResult(
             session_id=sid, head_revision=new_head, events=events, deferred_input_ids=deferred
         )
@@ -1211,83 +1218,100 @@ class PostgresStore(Store):
             lease = lease.model_copy(
                 update={"running_turn_id": None, "cancel_requested": False, "cancel_reason": None}
             )
-            await conn.execute(
-                text(
-                    "INSERT INTO lash_turn_commits (session_id, turn_id, turn_commit_hash,"
-                    " result, committed_at_ms) VALUES (:s, :t, :h, CAST(:r AS jsonb), :now)"
-                ),
-                {
-                    "s": sid,
-                    "t": commit.turn.turn_id,
-                    "h": commit_hash,
-                    "r": dumps(result.model_dump(mode="json")),
-                    "now": now,
-                },
-            )
         released = lease_rules.decide_release(lease, commit.fence) if commit.release_lease else None
-        if released is not None or commit.turn is not None:
-            await self._write_lease(conn, released or lease)
-        notes: list[Note] = []
-        if deferred or released is not None:
-            notes.append(("work", None))
-        await self._insert_events(conn, events, notes, sid)
+        notes: list[Note] = [("work", None)] if deferred or released is not None else []
+        await self._finish_commit(
+            conn,
+            commit,
+            session,
+            result,
+            payloads,
+            notes,
+            released or lease if released or commit.turn else None,
+            now,
+        )
         return result
 
-    async def _validate_completions(self, conn: AsyncConnection, commit: RuntimeCommit) -> None:
-        """Every completed row must still carry its claim's id and token (§3.5)."""
-        sid = commit.session_id
-        if commit.completed_input_claims:
-            rows = await conn.execute(
-                text(
-                    "SELECT input_id, claim_id, claim_token FROM lash_pending_inputs"
-                    " WHERE session_id = :s AND input_id = ANY(:ids) FOR UPDATE"
-                ),
-                {"s": sid, "ids": [i for c in commit.completed_input_claims for i in c.input_ids]},
-            )
-            owned = {r.input_id: (r.claim_id, r.claim_token) for r in rows}
-            for ic in commit.completed_input_claims:
-                for input_id in ic.input_ids:
-                    if owned.get(input_id) != (ic.claim_id, ic.claim_token):
-                        raise Superseded(sid, ic.claim_id, "turn_input")
-        if commit.completed_command_claims:
-            rows = await conn.execute(
-                text(
-                    "SELECT batch_id, claim_id, claim_token FROM lash_session_commands"
-                    " WHERE session_id = :s AND batch_id = ANY(:ids) FOR UPDATE"
-                ),
-                {
-                    "s": sid,
-                    "ids": [b for c in commit.completed_command_claims for b in c.batch_ids],
-                },
-            )
-            owned = {r.batch_id: (r.claim_id, r.claim_token) for r in rows}
-            for cc in commit.completed_command_claims:
-                for batch_id in cc.batch_ids:
-                    if owned.get(batch_id) != (cc.claim_id, cc.claim_token):
-                        raise Superseded(sid, cc.claim_id, "command")
-
-    async def _upsert_nodes(
-        self, conn: AsyncConnection, session_id: str, revision: int, nodes: list[MessageNode]
+    async def _finish_commit(
+        self,
+        conn: AsyncConnection,
+        commit: RuntimeCommit,
+        session: dict[str, Any] | None,
+        result: CommitResult,
+        payloads: Sequence[EventPayload],
+        notes: Sequence[Note],
+        lease: LeaseRow | None,
+        now: int,
     ) -> None:
-        if not nodes:
-            return
-        await conn.execute(
-            text(
-                "INSERT INTO lash_nodes (session_id, node_id, ordinal, node)"
-                " SELECT :s, n.id, :base + n.ord, CAST(n.body AS jsonb)"
-                " FROM unnest(CAST(:ids AS text[]), CAST(:bodies AS text[]))"
-                "  WITH ORDINALITY AS n(id, body, ord)"
-                " ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,"
-                "  ordinal = EXCLUDED.ordinal"
-            ),
+        """One statement: head CAS + session fields, events, stamp, lease row, wake-ups."""
+        sid = commit.session_id
+        params, values, calls = _event_params(sid, now, payloads, notes)
+        head = result.head_revision
+        usage = Usage.model_validate(session["usage"]) if session else Usage()
+        if commit.usage is not None:
+            usage = usage + commit.usage
+        graph = commit.graph
+        sets_leaf = isinstance(graph, GraphAppend | GraphReplace)
+        params.update(
             {
-                "s": session_id,
-                # Revision-major ordinals keep insertion order across commits.
-                "base": revision << 20,
-                "ids": [n.node_id for n in nodes],
-                "bodies": [dumps(n.model_dump(mode="json")) for n in nodes],
-            },
+                "head": head,
+                "prev": head - 1,
+                "leaf": graph.leaf_node_id
+                if isinstance(graph, GraphAppend | GraphReplace)
+                else None,
+                "config": dumps(commit.config.model_dump(mode="json")) if commit.config else None,
+                "checkpoint": dumps(commit.checkpoint) if commit.checkpoint is not None else None,
+                "usage": dumps(usage.model_dump(mode="json")),
+            }
         )
+        ctes = [
+            f"""ses AS (
+            INSERT INTO lash_sessions (session_id, head_revision, last_seq, leaf_node_id, config,
+                checkpoint, usage, created_at_ms, updated_at_ms)
+            VALUES (:es, :head, :en, :leaf, CAST(:config AS jsonb), CAST(:checkpoint AS jsonb),
+                CAST(:usage AS jsonb), :enow, :enow)
+            ON CONFLICT (session_id) DO UPDATE SET head_revision = :head,
+                last_seq = lash_sessions.last_seq + :en,
+                leaf_node_id = {":leaf" if sets_leaf else "lash_sessions.leaf_node_id"},
+                config = COALESCE(CAST(:config AS jsonb), lash_sessions.config),
+                checkpoint = COALESCE(CAST(:checkpoint AS jsonb), lash_sessions.checkpoint),
+                usage = CAST(:usage AS jsonb), updated_at_ms = :enow
+            WHERE lash_sessions.head_revision = :prev
+            RETURNING last_seq, head_revision)"""
+        ]
+        if payloads:
+            ctes.append(_EVENTS_CTE.format(values=values))
+        if commit.turn is not None:
+            ctes.append(
+                "stamp AS (INSERT INTO lash_turn_commits (session_id, turn_id, turn_commit_hash,"
+                " result, committed_at_ms) SELECT :es, :tid, :hash, CAST(:result AS jsonb),"
+                " :enow FROM ses RETURNING 1)"
+            )
+            params.update(
+                {
+                    "tid": commit.turn.turn_id,
+                    "hash": commit.commit_hash(),
+                    "result": dumps(result.model_dump(mode="json")),
+                }
+            )
+        if lease is not None:
+            ctes.append(f"lease_w AS ({LEASE_UPSERT_SQL} RETURNING 1)")
+            params.update(lease_params(lease))
+        row = (
+            await conn.execute(
+                text(
+                    "WITH "
+                    + ", ".join(ctes)
+                    + " SELECT ses.last_seq"
+                    + "".join(", " + c for c in calls)
+                    + " FROM ses"
+                ),
+                params,
+            )
+        ).one_or_none()
+        if row is None:
+            # Backstop only: the lease row lock already serialises this session's commits.
+            raise HeadRevisionConflict(sid, commit.expected_head_revision, head)
 
     async def _complete_and_defer(
         self,
@@ -1296,13 +1320,24 @@ class PostgresStore(Store):
         input_ids: list[str],
         batch_ids: list[str],
         now: int,
+        revision: int,
+        nodes: list[MessageNode],
     ) -> list[str]:
-        """Complete claimed rows and defer the turn's unaccepted steering input (§1.9)."""
+        """Write appended nodes, complete claimed rows and defer the turn's unaccepted
+        steering input (§1.9), in one statement."""
         sid = commit.session_id
         rows = await conn.execute(
             text(
                 """
-                WITH done AS (
+                WITH graph AS (
+                    INSERT INTO lash_nodes (session_id, node_id, ordinal, node)
+                    SELECT :s, n.id, :base + n.ord, CAST(n.body AS jsonb)
+                    FROM unnest(CAST(:node_ids AS text[]), CAST(:bodies AS text[]))
+                        WITH ORDINALITY AS n(id, body, ord)
+                    ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,
+                        ordinal = EXCLUDED.ordinal
+                    RETURNING 1),
+                done AS (
                     UPDATE lash_pending_inputs SET state = 'completed', terminal_at_ms = :now,
                         claim_id = NULL, claim_owner_id = NULL,
                         claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
@@ -1324,9 +1359,7 @@ class PostgresStore(Store):
                       AND CAST(:turn AS text) IS NOT NULL AND ingress->>'turn_id' = :turn
                       AND NOT (input_id = ANY(:ids))
                     RETURNING input_id, enqueue_seq)
-                SELECT input_id FROM deferred
-                WHERE (SELECT count(*) FROM done) >= 0 AND (SELECT count(*) FROM cmds) >= 0
-                ORDER BY enqueue_seq
+                SELECT input_id FROM deferred ORDER BY enqueue_seq
                 """
             ),
             {
@@ -1335,6 +1368,10 @@ class PostgresStore(Store):
                 "ids": input_ids,
                 "bids": batch_ids,
                 "turn": commit.defer_active_inputs_of_turn,
+                # Revision-major ordinals keep insertion order across commits.
+                "base": revision << 20,
+                "node_ids": [n.node_id for n in nodes],
+                "bodies": [dumps(n.model_dump(mode="json")) for n in nodes],
             },
         )
         return [r.input_id for r in rows]
@@ -1450,7 +1487,7 @@ class PostgresStore(Store):
                 ),
                 {"r": reason, "s": session_id},
             )
-            await self._insert_events(conn, [], [("cancel", running)], session_id)
+            await self._append_events(conn, session_id, now, [], [("cancel", running)])
             return running
 
     # ------------------------------------------------------------------ maintenance
