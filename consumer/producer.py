@@ -74,6 +74,8 @@ class Observer:
         self._session_id = session_id
         self._inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self._tag: str | None = None
+        self.envelopes: list[dict[str, Any]] = []
+        """AMQP properties of every message received (``message_id``, ``type``, headers)."""
 
     async def _start(self) -> None:
         self._tag = await self._queue.consume(self._on_message, no_ack=True)
@@ -87,6 +89,14 @@ class Observer:
             return
         if self._session_id is not None and body.get("session_id") != self._session_id:
             return
+        self.envelopes.append(
+            {
+                "message_id": message.message_id,
+                "type": message.type,
+                "headers": dict(message.headers or {}),
+                "body": body,
+            }
+        )
         self._inbox.put_nowait(body)
 
     async def next(self, timeout_s: float | None = None) -> dict[str, Any]:
@@ -174,6 +184,10 @@ class Producer:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+    @property
+    def connection(self) -> AbstractConnection:
+        return self._connection
 
     @property
     def channel(self) -> AbstractChannel:
