@@ -186,7 +186,13 @@ class LashCore:
         self.driver.forget(session_id)
 
     async def acquire_lease(self, session_id: str) -> Lease:
-        """Take the session lease for a host operation (delete, flush); busy -> SessionBusy."""
+        """Take the session lease for a host operation (delete, flush); busy -> SessionBusy.
+
+        A drain of this core holds the lease under the same owner, where the store would
+        grant re-entry; that counts as busy too, so a host operation never runs under a
+        running turn's feet."""
+        if self.driver.is_draining(session_id):
+            raise SessionBusy(session_id, self.owner.owner_id)
         result = await self.store.try_claim_lease(session_id, self.owner, self.lease_ttl_ms)
         if not isinstance(result, Acquired) and holder_is_definitely_dead(
             result.holder.owner, self.owner

@@ -279,3 +279,21 @@ async def test_subscription_recovers_from_a_gap_with_a_fresh_observation(store: 
     assert first.last_seq == events[-1].seq
     assert texts(first.view.messages) == ["old", "echo: old"]
     await subscription.aclose()  # type: ignore[attr-defined]
+
+
+async def test_delete_while_this_core_runs_a_turn_is_busy(store: Store) -> None:
+    core = LashCore(store, agent(delay_ms=600))
+    session = await core.open(new_session_id())
+    task = asyncio.create_task(session.run_turn("slow"))
+
+    async def running() -> bool:
+        return session.session_id in core.driver.running()
+
+    await wait_until(running)
+    with pytest.raises(SessionBusy):
+        await core.delete_session(session.session_id)
+    with pytest.raises(InvalidRequest):
+        await session.park()
+    await asyncio.wait_for(task, 10)
+    await session.delete()
+    assert not (await store.load_state(session.session_id)).exists
