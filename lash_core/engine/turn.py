@@ -145,6 +145,11 @@ class TurnRunner:
         except (LeaseLost, Superseded):
             return self._lost()
         except asyncio.CancelledError:
+            # Finish the turn (the driver commits it, then re-raises): the cancel request
+            # is consumed here so the commit's own awaits and timeouts behave normally.
+            current = asyncio.current_task()
+            if current is not None:
+                current.uncancel()
             task_cancelled = True
             outcome = Stopped(stop="cancelled", message="turn task cancelled")
         except ProviderError as exc:
