@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import psycopg
 import pytest
 
 from lash_core.store.base import Notification
@@ -54,6 +55,51 @@ async def test_notifications_arrive_across_connections(
         await a.release_lease(lease.fence())
         note = await asyncio.wait_for(received.get(), 5)
         assert note.kind == "work"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def _produce_until_received(
+    store: PostgresStore, s: str, received: asyncio.Queue[Notification], tag: str
+) -> Notification:
+    """Keep admitting inputs until a wake-up for ``s`` arrives (bounded by a deadline)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    n = 0
+    while True:
+        assert loop.time() < deadline, "no notification arrived"
+        n += 1
+        await store.enqueue_input(draft(s, f"{tag}{n}"))
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(received.get(), 0.25)
+
+
+async def test_listener_reconnects_after_its_connection_is_killed(
+    stores: tuple[PostgresStore, PostgresStore], pg_url: str
+) -> None:
+    a, b = stores
+    s = sid()
+    received: asyncio.Queue[Notification] = asyncio.Queue()
+
+    async def consume() -> None:
+        async for note in b.notifications():
+            if note.session_id == s:
+                await received.put(note)
+
+    task = asyncio.create_task(consume())
+    try:
+        await _produce_until_received(a, s, received, "before")
+        with psycopg.connect(pg_url, autocommit=True) as admin:
+            killed = admin.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND application_name = 'lash-notify'"
+            ).fetchone()
+        assert killed is not None and killed[0] >= 1
+        while not received.empty():
+            received.get_nowait()
+        await _produce_until_received(a, s, received, "after")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

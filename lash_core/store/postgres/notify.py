@@ -50,7 +50,17 @@ async def listen(
     backoff = initial_backoff_s
     while True:
         try:
-            conn = await psycopg.AsyncConnection.connect(url, autocommit=True)
+            # TCP keepalives make a silently dead peer surface as an error, so the
+            # listener reconnects instead of waiting forever on a half-open socket.
+            conn = await psycopg.AsyncConnection.connect(
+                url,
+                autocommit=True,
+                application_name="lash-notify",
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
         except (psycopg.Error, OSError) as exc:
             log.warning("notification listener cannot connect: %s", exc)
             await asyncio.sleep(backoff)
