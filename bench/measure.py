@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import sys
 import tempfile
@@ -197,6 +198,8 @@ async def _measure_in(
             spy = profiling.PySpy(fleet.members[0].pid, spec.profile_path)
             await spy.start()
         xact_before = await xact_commit(opts.database_url, dbname)
+        for member in fleet.members:
+            member.mark_cpu()
         background.append(asyncio.create_task(_sample_memory(fleet)))
         background.append(asyncio.create_task(show_progress(label, tracker, opts.progress)))
         background.append(
@@ -216,6 +219,8 @@ async def _measure_in(
         publish_s = time.perf_counter() - (tracker.first_publish or time.perf_counter())
         await tracker.wait_all(opts.stall_timeout_s)
         fleet.sample_memory()
+        for member in fleet.members:
+            member.read_cpu()
         if spy is not None:
             await spy.stop()
         ingress_state = await queue_state(connection, target.ready_queue(namespace))
@@ -250,6 +255,7 @@ async def _measure_in(
     events = observer.received
     acks = published  # each ingress message is acked once: the queue is drained below
     amqp_total = published + acks + events
+    cpu_total = sum(m.cpu_used_s or 0.0 for m in fleet.members)
     return {
         "kind": target.kind,
         "mode": spec.mode,
@@ -287,6 +293,14 @@ async def _measure_in(
             "peak": [m.rss_peak_kib for m in fleet.members],
             "end_max": max((m.rss_end_kib or 0 for m in fleet.members), default=0),
             "peak_max": max((m.rss_peak_kib or 0 for m in fleet.members), default=0),
+        },
+        "cpu": {
+            "worker_s": [
+                None if m.cpu_used_s is None else round(m.cpu_used_s, 2) for m in fleet.members
+            ],
+            "utilisation": _ratio(cpu_total, duration * len(fleet.members)),
+            "ms_per_turn": _ratio(cpu_total * 1000.0, turns),
+            "host_cpus": os.cpu_count(),
         },
         "events_by_type": dict(tracker.events_by_type),
         "outcomes": dict(tracker.outcomes),

@@ -70,9 +70,11 @@ def _modes(text: str) -> list[str]:
     values = [part.strip() for part in text.split(",") if part.strip()]
     if values == ["all"]:
         return list(MODES)
+    if values == ["none"]:
+        return []  # e.g. only --profile
     unknown = [v for v in values if v not in MODES]
     if unknown or not values:
-        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)} or all; got {text!r}")
+        raise argparse.ArgumentTypeError(f"modes are {', '.join(MODES)}, all or none; got {text!r}")
     return values
 
 
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--modes",
         type=_modes,
-        help="comma list of throughput, latency, scale, or all (default throughput,latency)",
+        help="comma list of throughput, latency, scale; all; none (default throughput,latency)",
     )
     add("--rate", type=float, help="latency mode: inputs/s (default: half the max turns/s)")
     add("--latency-workers", type=int, help="latency and scale modes: W (default max --workers)")

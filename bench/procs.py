@@ -34,6 +34,17 @@ def memory_kib(pid: int) -> tuple[int, int] | None:
     return values["VmRSS"], values.get("VmHWM", values["VmRSS"])
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time a live process has used (``/proc/<pid>/stat``)."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    fields = text[text.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def process_env(extra: dict[str, str]) -> dict[str, str]:
     """The current environment plus ``extra``, with the repository importable.
 
@@ -57,6 +68,8 @@ class Managed:
     log_path: Path
     rss_end_kib: int | None = None
     rss_peak_kib: int | None = None
+    cpu_mark_s: float | None = None
+    cpu_used_s: float | None = None
 
     @property
     def pid(self) -> int:
@@ -69,6 +82,16 @@ class Managed:
         rss, hwm = mem
         self.rss_end_kib = rss
         self.rss_peak_kib = max(self.rss_peak_kib or 0, hwm, rss)
+
+    def mark_cpu(self) -> None:
+        """Start counting CPU time from now (excludes start-up)."""
+        self.cpu_mark_s = cpu_seconds(self.pid)
+
+    def read_cpu(self) -> None:
+        """CPU time used since :meth:`mark_cpu`."""
+        now = cpu_seconds(self.pid)
+        if now is not None and self.cpu_mark_s is not None:
+            self.cpu_used_s = now - self.cpu_mark_s
 
     def log_tail(self, lines: int = 40) -> str:
         try:

@@ -124,13 +124,23 @@ def library_of(frame: str) -> str:
     return "other"
 
 
+def is_project_frame(frame: str) -> bool:
+    """A frame of the project's own code (the CLI's entry frames excluded)."""
+    path = _frame_file(frame)
+    return ("lash_core/" in path or "consumer/" in path) and "consumer/cli.py" not in path
+
+
 def summarize_collapsed(text: str, top: int = 25) -> str:
     """A readable summary of py-spy ``raw`` (collapsed ``a;b;c count``) output.
 
-    Self time is the leaf frame's share of samples (where the CPU actually was);
-    inclusive time counts a function once per sample it appears in (what it caused).
+    Self time is the leaf frame's share of samples (where the CPU actually was). "Caused
+    by" charges each sample to the deepest frame of the project's own code on its stack,
+    i.e. which of our functions the library time is spent for; stacks without one (the
+    greenlets SQLAlchemy's async layer runs statements in) are grouped as such. Inclusive
+    time counts a project function once per sample it appears in.
     """
     self_time: Counter[str] = Counter()
+    caused_by: Counter[str] = Counter()
     inclusive: Counter[str] = Counter()
     by_library: Counter[str] = Counter()
     total = 0
@@ -144,7 +154,9 @@ def summarize_collapsed(text: str, top: int = 25) -> str:
         leaf = frames[-1]
         self_time[leaf] += count
         by_library[library_of(leaf)] += count
-        for frame in set(frames):
+        ours = [f for f in frames if is_project_frame(f)]
+        caused_by[ours[-1] if ours else f"(no project frame: {library_of(frames[0])})"] += count
+        for frame in set(ours):
             inclusive[frame] += count
     if total == 0:
         return "no samples (was the worker busy while profiled?)\n"
@@ -157,5 +169,6 @@ def summarize_collapsed(text: str, top: int = 25) -> str:
     lines = [f"{total} samples (active CPU only, idle excluded)", ""]
     lines += table("by library (leaf frame)", by_library)
     lines += table("self time (leaf function)", self_time)
-    lines += table("inclusive time", inclusive)
+    lines += table("caused by (deepest project frame)", caused_by)
+    lines += table("inclusive time (project functions)", inclusive)
     return "\n".join(lines)

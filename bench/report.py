@@ -65,6 +65,7 @@ HEADERS = (
     "x base",
     "tx/turn",
     "amqp/turn",
+    "cpu ms/turn",
     "RSS MiB",
 )
 
@@ -96,12 +97,17 @@ def _row(run: dict[str, Any]) -> list[str]:
         _fmt(ratio, 3),
         _fmt(run["db"]["tx_per_turn"], 2),
         _fmt(run["amqp"]["per_turn"], 2),
+        _fmt(run.get("cpu", {}).get("ms_per_turn"), 2),
         f"{_mib(rss['end_max'])}/{_mib(rss['peak_max'])}",
     ]
 
 
 def render_table(runs: list[dict[str, Any]]) -> str:
-    """A plain-text table, one row per run (RSS: largest worker at the end / its peak)."""
+    """A plain-text table, one row per run.
+
+    ``cpu ms/turn``: CPU time of all the system's processes under test (not the broker or
+    the database) per turn; RSS: the largest worker at the end / its peak.
+    """
     rows = [list(HEADERS), *(_row(r) for r in runs)]
     width = max(len(r) for r in rows)
     widths = [max((len(r[i]) for r in rows if i < len(r)), default=0) for i in range(width)]
