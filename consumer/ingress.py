@@ -187,6 +187,7 @@ class IngressConsumer:
                 delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
             ),
             routing_key=request.reply_to,
+            mandatory=False,
         )
 
     async def _reject(self, message: AbstractIncomingMessage, bad: wire.BadInput) -> None:

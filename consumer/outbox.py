@@ -216,7 +216,10 @@ class OutboxRelay:
         published: list[DurableEvent] = []
         for event in sorted(events, key=lambda e: e.seq):
             try:
-                await self._exchange.publish(event_message(event), routing_key=event.type)
+                # Not mandatory: a fanout without observers is normal, not a failure.
+                await self._exchange.publish(
+                    event_message(event), routing_key=event.type, mandatory=False
+                )
             except Exception as exc:
                 log.warning(
                     "outbox_publish_failed",
@@ -272,7 +275,7 @@ class ActivityPublisher:
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self._exchange.publish(message, routing_key=activity.type)
+            await self._exchange.publish(message, routing_key=activity.type, mandatory=False)
         except Exception as exc:
             self.failures += 1
             if self.failures == 1 or self.failures % 1000 == 0:

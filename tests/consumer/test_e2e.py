@@ -302,29 +302,39 @@ async def test_session_read_recovers_missed_events(
             # nobody observes these
             for n in range(3):
                 await producer.submit(session, f"unseen {n}", source_key=f"u{n}")
+            # wait until those turns are committed and published before observing
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + 30
+            while True:
+                view = await producer.read(session)
+                if not view.pending_inputs and view.running_turn_id is None and view.messages:
+                    break
+                assert loop.time() < deadline, "unseen inputs were not processed"
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(0.5)
             async with producer.observe(session) as observer:
                 events: list[dict[str, Any]] = []
-                await producer.submit(session, "seen", source_key="seen")
-                await collect_until(
+                seen = await producer.submit(session, "seen", source_key="seen")
+                assert seen.input is not None
+                seen_id = seen.input.input_id
+                await wait_for_event(
                     observer,
                     events,
-                    lambda evs: (
-                        len(committed_inputs(evs).get(session, [])) >= 1
-                        and "seen"
-                        in json.dumps([e for e in evs if e.get("type") == "turn.committed"])
-                    ),
-                    timeout_s=30,
+                    lambda e: e["type"] == "turn.committed" and seen_id in e["input_ids"],
                 )
-                first_seen = min(e["seq"] for e in events if e.get("durable") is not False)
+                observed = {e["seq"]: e for e in events if e.get("durable") is not False}
+                first_seen = min(observed)
                 assert first_seen > 1  # the observer missed the start of the session
                 read = await producer.read(session, after_seq=0)
                 assert read.gap is False and read.events is not None
                 recovered = [e.model_dump(mode="json") for e in read.events]
                 assert [e["seq"] for e in recovered] == list(range(1, read.last_seq + 1))
-                seen = {e["seq"]: e for e in events if e.get("durable") is not False}
                 for e in recovered:
-                    if e["seq"] in seen:
-                        assert seen[e["seq"]] == e
-                assert read.running_turn_id is None or isinstance(read.running_turn_id, str)
+                    if e["seq"] in observed:
+                        assert observed[e["seq"]] == e
+                # after_seq returns exactly the events the observer missed
+                missed = await producer.read(session, after_seq=first_seen - 1)
+                assert missed.events is not None
+                assert [e.seq for e in missed.events] == list(range(first_seen, read.last_seq + 1))
                 texts = [m.text for m in read.messages if m.role == "user"]
                 assert texts[-1] == "seen"
