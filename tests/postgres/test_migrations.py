@@ -44,3 +44,23 @@ async def test_a_schema_newer_than_the_code_is_refused() -> None:
             await store.start()
         with pytest.raises(SchemaVersionError):
             await asyncio.to_thread(upgrade, url)
+
+
+def test_table_definitions_match_the_migrated_schema(pg_url: str) -> None:
+    """``tables.py`` and the migrations describe the same schema (autogenerate finds no diff)."""
+    from alembic.autogenerate import compare_metadata
+    from alembic.runtime.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    from lash_core.store.postgres.migrate import VERSION_TABLE
+    from lash_core.store.postgres.tables import metadata
+    from lash_core.store.postgres.urls import sync_url
+
+    upgrade(pg_url)
+    engine = create_engine(sync_url(pg_url))
+    try:
+        with engine.connect() as conn:
+            context = MigrationContext.configure(conn, opts={"version_table": VERSION_TABLE})
+            assert compare_metadata(context, metadata) == []
+    finally:
+        engine.dispose()
