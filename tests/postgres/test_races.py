@@ -255,3 +255,68 @@ async def test_dead_owner_reclaim_survives_the_predecessors_late_release(
     row = await b.renew_lease(live.fence(), TTL)
     assert row.lease_token == live.lease_token and row.fencing_token == live.fencing_token
     assert isinstance(await a.try_claim_lease(s, owner("X"), TTL), Busy)
+
+
+def _final(s: str, fence: Any, turn_id: str, **extra: Any) -> Any:
+    from lash_core.commit import FinalTurn, RuntimeCommit
+    from lash_core.outcomes import AssistantMessageFinish, Finished
+
+    return RuntimeCommit(
+        session_id=s,
+        fence=fence,
+        turn=FinalTurn(turn_id=turn_id, outcome=Finished(finish=AssistantMessageFinish(text="ok"))),
+        defer_active_inputs_of_turn=turn_id,
+        **extra,
+    )
+
+
+async def test_steering_input_racing_the_final_commit_is_never_stranded(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    from lash_core.inputs import ActiveTurnIngress, NextTurnIngress, TextItem, TurnInput
+    from lash_core.inputs import TurnInputDraft as Draft
+
+    a, b = stores
+    for _ in range(ROUNDS):
+        s = sid()
+        lease = acquired(await a.try_claim_lease(s, owner("A"), TTL))
+        await a.enqueue_input(draft(s))
+        start = await a.start_turn(lease.fence(), "t1")
+        assert start is not None and start.claim is not None
+        steer = Draft(
+            session_id=s,
+            ingress=ActiveTurnIngress(turn_id="t1"),
+            input=TurnInput(items=[TextItem(text="steer")]),
+        )
+        final = _final(s, lease.fence(), "t1", completed_input_claims=[start.claim.completion()])
+        admission, result = await together(
+            partial(b.enqueue_input, steer), partial(a.commit, final)
+        )
+        assert not isinstance(admission, BaseException) and not isinstance(result, BaseException)
+        record = await a.get_input(s, admission.record.input_id)  # type: ignore[union-attr]
+        assert record is not None
+        # Whichever came first, the steering input ends up as next-turn input.
+        assert record.state is InputState.DEFERRED_NEXT_TURN
+        assert record.ingress == NextTurnIngress()
+        deferred = result.deferred_input_ids  # type: ignore[union-attr]
+        admitted_active = admission.record.state is InputState.PENDING_ACTIVE  # type: ignore[union-attr]
+        assert (record.input_id in deferred) == admitted_active
+
+
+async def test_identical_final_commits_racing_apply_once(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    a, b = stores
+    for _ in range(ROUNDS // 2):
+        s = sid()
+        lease = acquired(await a.try_claim_lease(s, owner("A"), TTL))
+        await a.enqueue_input(draft(s))
+        start = await a.start_turn(lease.fence(), "t1")
+        assert start is not None and start.claim is not None
+        final = _final(s, lease.fence(), "t1", completed_input_claims=[start.claim.completion()])
+        r1, r2 = await together(partial(a.commit, final), partial(b.commit, final))
+        assert not isinstance(r1, BaseException) and not isinstance(r2, BaseException), (r1, r2)
+        assert sorted([r1.replayed, r2.replayed]) == [False, True]  # type: ignore[union-attr]
+        assert r1.head_revision == r2.head_revision == 1  # type: ignore[union-attr]
+        page = await a.events_after(s, 0)
+        assert [e.type for e in page.events].count("turn.committed") == 1
