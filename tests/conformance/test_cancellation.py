@@ -13,6 +13,7 @@ from lash_core.inputs import (
     NextTurnIngress,
     SourceKeyTarget,
 )
+from lash_core.leases import Lease
 from lash_core.store.base import Store
 from tests.conformance.conftest import (
     Harness,
@@ -29,7 +30,7 @@ from tests.conformance.conftest import (
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 
-async def _running(store: Store, session_id: str = "s", turn_id: str = "t1"):  # type: ignore[no-untyped-def]
+async def _running(store: Store, session_id: str = "s", turn_id: str = "t1") -> Lease:
     lease = await lease_for(store, session_id)
     start = await store.start_turn(lease.fence(), turn_id, require_inputs=False)
     assert start is not None
@@ -304,7 +305,7 @@ async def test_CAN_18_commit_and_cancel_race_have_one_consistent_winner(store: S
         lambda: store.request_turn_cancel("s", "t1", "race"),
         lambda: store.commit(commit("s", lease, turn=final("t1"))),
     )
-    assert cancel_result in ("t1", None)  # type: ignore[comparison-overlap]
+    assert cancel_result in ("t1", None)
     assert commit_result.head_revision == 1  # type: ignore[union-attr]
     row = await store.read_lease("s")
     assert row is not None

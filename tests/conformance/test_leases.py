@@ -167,7 +167,7 @@ async def test_LSE_17_concurrent_reclaims_have_one_winner(store: Store) -> None:
     )
     winners = [r for r in results if r.kind == "acquired"]
     assert len(winners) == 1
-    assert winners[0].lease.fencing_token > dead.fencing_token  # type: ignore[union-attr]
+    assert winners[0].lease.fencing_token > dead.fencing_token
 
 
 def _relocated(o: LeaseOwner, **changes: str) -> LeaseOwner:
