@@ -163,8 +163,11 @@ class OutboxRelay:
                 more = False
             if more:
                 continue
+            # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
+            # as the event is set, and this loop would then outlive the worker's shutdown.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._poll_s)
+                async with asyncio.timeout(self._poll_s):
+                    await self._wake.wait()
 
     async def _maybe_retake(self, now: float) -> None:
         if now < self._next_retake and self._locks.held:
