@@ -59,7 +59,7 @@ class WorkerConfig:
                 "LASH_HTTP_PORT": str(http_port),
                 "LASH_OWNER_ID": owner_id,
                 "LASH_LOG_FORMAT": "json",
-                "LASH_LOG_LEVEL": "info",
+                "LASH_LOG_LEVEL": os.environ.get("LASH_FAULT_LOG_LEVEL", "info"),
                 "PYTHONUNBUFFERED": "1",
             }
         )
