@@ -116,6 +116,22 @@ async def _watch_dead_letters(
             return
 
 
+async def _idle_tx_rate(opts: BenchOptions, dbname: str, seconds: float) -> float | None:
+    """Committed transactions per second while the ready processes have no work.
+
+    Background loops (sweeps, relays, lease checks) commit even when idle; measuring them
+    first lets the report separate per-turn cost from that constant rate. Statistics
+    are flushed by backends about once a second, so the probe needs a few seconds.
+    """
+    if seconds <= 0:
+        return None
+    before = await xact_commit(opts.database_url, dbname)
+    started = time.perf_counter()
+    await asyncio.sleep(seconds)
+    after = await xact_commit(opts.database_url, dbname)
+    return round((after - before) / (time.perf_counter() - started), 2)
+
+
 async def _sample_memory(fleet: Fleet, interval_s: float = 0.5) -> None:
     while True:
         fleet.sample_memory()
@@ -175,6 +191,8 @@ async def _measure_in(
     )
     background: list[asyncio.Task[None]] = []
     spy: profiling.PySpy | None = None
+    window_start: float | None = None
+    window_s = 0.0
     try:
         for index in range(spec.workers):
             argv, env = target.command(
@@ -197,7 +215,9 @@ async def _measure_in(
         if spec.profiler == "py-spy" and spec.profile_path is not None:
             spy = profiling.PySpy(fleet.members[0].pid, spec.profile_path)
             await spy.start()
+        idle_tx_per_s = await _idle_tx_rate(opts, dbname, opts.idle_probe_s)
         xact_before = await xact_commit(opts.database_url, dbname)
+        window_start = time.perf_counter()
         for member in fleet.members:
             member.mark_cpu()
         background.append(asyncio.create_task(_sample_memory(fleet)))
@@ -241,6 +261,8 @@ async def _measure_in(
             await spy.stop()
         await observer.stop()
         await fleet.stop()
+        if window_start is not None:
+            window_s = time.perf_counter() - window_start
     xact_after = await settled_xact_commit(opts.database_url, dbname)
     if spec.profiler == "py-spy" and spec.profile_path is not None and spec.profile_path.exists():
         summary = profiling.summarize_collapsed(spec.profile_path.read_text(errors="replace"))
@@ -277,6 +299,11 @@ async def _measure_in(
             "xact_commit": xacts,
             "tx_per_turn": _ratio(xacts, turns),
             "tx_per_input": _ratio(xacts, committed),
+            "idle_tx_per_s": idle_tx_per_s,
+            "window_s": round(window_s, 2),
+            "tx_per_turn_excl_idle": None
+            if idle_tx_per_s is None
+            else _ratio(max(xacts - idle_tx_per_s * window_s, 0.0), turns),
         },
         "amqp": {
             "publishes": published,

@@ -45,6 +45,8 @@ class BenchOptions:
     # Fail a run when no input commits for this long (a stuck fleet, not a slow one).
     stall_timeout_s: float = 60.0
     ready_timeout_s: float = 60.0
+    # Seconds to measure the idle transaction rate before each run (0 = skip).
+    idle_probe_s: float = 3.0
     worker_env: dict[str, str] = field(default_factory=dict)
     progress: bool = True
     keep_logs: bool = False
@@ -122,6 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", dest="json_path", type=Path, help="results file (default bench/results/<ts>.json)"
     )
     add("--stall-timeout", type=float, help="fail a run after this long without progress (s)")
+    add(
+        "--idle-probe",
+        type=float,
+        help="seconds to measure idle DB tx/s per run (default 3; 0=off)",
+    )
     add("--worker-env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE")
     add("--no-progress", action="store_true", help="no progress line on stderr")
     add("--keep-logs", action="store_true", help="keep worker logs even when runs succeed")
@@ -153,6 +160,7 @@ def parse_options(argv: list[str] | None = None) -> BenchOptions:
         "namespace_prefix": args.namespace_prefix,
         "json_path": args.json_path,
         "stall_timeout_s": args.stall_timeout,
+        "idle_probe_s": args.idle_probe,
     }
     for name, value in explicit.items():
         if value is not None:

@@ -39,6 +39,7 @@ def _options(tmp_path: Path, **overrides: Any) -> BenchOptions:
         results_dir=tmp_path,
         progress=False,
         stall_timeout_s=30.0,
+        idle_probe_s=1.0,
     )
     for name, value in overrides.items():
         setattr(opts, name, value)
@@ -55,6 +56,8 @@ def _check_run(run: dict[str, Any], inputs: int) -> None:
         assert run["latency_ms"][key] >= 0
     assert run["turns_per_s"] > 0 and run["inputs_per_s"] > 0
     assert run["db"]["xact_commit"] >= 0 and run["db"]["tx_per_turn"] is not None
+    assert run["db"]["idle_tx_per_s"] is not None and run["db"]["idle_tx_per_s"] >= 0
+    assert run["cpu"]["ms_per_turn"] is not None
     assert run["amqp"]["publishes"] == inputs
     assert run["amqp"]["events"] >= run["turns"]
     assert run["amqp"]["per_turn"] is not None
