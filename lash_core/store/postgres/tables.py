@@ -88,6 +88,12 @@ pending_inputs = Table(
     UniqueConstraint("session_id", "source_key", name="uq_lash_pending_inputs_source_key"),
     Index("ix_lash_pending_inputs_state", "session_id", "state", "enqueue_seq"),
     Index("ix_lash_pending_inputs_seq", "session_id", "enqueue_seq"),
+    # The recovery sweep scans only open rows.
+    Index(
+        "ix_lash_pending_inputs_open",
+        "session_id",
+        postgresql_where=text("state IN ('deferred_next_turn', 'pending_active', 'accepted')"),
+    ),
 )
 
 session_commands = Table(
@@ -109,6 +115,9 @@ session_commands = Table(
     *_claim_columns(),
     UniqueConstraint("session_id", "source_key", name="uq_lash_session_commands_source_key"),
     Index("ix_lash_session_commands_state", "session_id", "state", "enqueue_seq"),
+    Index(
+        "ix_lash_session_commands_open", "session_id", postgresql_where=text("state = 'pending'")
+    ),
 )
 
 leases = Table(

@@ -81,6 +81,12 @@ def upgrade() -> None:
     op.create_index(
         "ix_lash_pending_inputs_seq", "lash_pending_inputs", ["session_id", "enqueue_seq"]
     )
+    op.create_index(
+        "ix_lash_pending_inputs_open",
+        "lash_pending_inputs",
+        ["session_id"],
+        postgresql_where=sa.text("state IN ('deferred_next_turn', 'pending_active', 'accepted')"),
+    )
     op.create_table(
         "lash_session_commands",
         sa.Column("batch_id", sa.Text, primary_key=True),
@@ -103,6 +109,12 @@ def upgrade() -> None:
         "ix_lash_session_commands_state",
         "lash_session_commands",
         ["session_id", "state", "enqueue_seq"],
+    )
+    op.create_index(
+        "ix_lash_session_commands_open",
+        "lash_session_commands",
+        ["session_id"],
+        postgresql_where=sa.text("state = 'pending'"),
     )
     op.create_table(
         "lash_leases",
