@@ -133,6 +133,21 @@ async def test_TC_05_stamped_final_commit_is_idempotent_without_a_lease(store: S
     assert (await store.events_after("s", 0)).last_seq == first.events[-1].seq
 
 
+async def test_TC_05b_replay_with_release_still_releases_the_lease(store: Store) -> None:
+    """A retry of a final commit that lost its reply may carry the release: the stored
+    result is returned and the caller's lease is released (nothing else is written)."""
+    lease = await lease_for(store, "s", "a")
+    c = commit("s", lease, graph=append(node("n1", "x")), turn=final("t1"))
+    first = await store.commit(c)
+    retry = await store.commit(c.model_copy(update={"release_lease": True}))
+    assert retry.replayed and retry.head_revision == first.head_revision
+    row = await store.read_lease("s")
+    assert row is not None and row.lease_token is None
+    b = await lease_for(store, "s", "b")
+    assert b.fencing_token == lease.fencing_token + 1
+    assert (await store.load_state("s")).head_revision == 1
+
+
 async def test_TC_06_hash_ignores_cas_and_lease_fields(store: Store) -> None:
     lease = await lease_for(store, "s")
     c = commit("s", lease, graph=append(node("n1", "x")), turn=final("t1"))
