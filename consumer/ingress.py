@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +37,16 @@ ERROR_CODE_HEADER = "x-lash-error-code"
 ERROR_MESSAGE_HEADER = "x-lash-error-message"
 ROUTING_KEY_HEADER = "x-lash-original-routing-key"
 EXCHANGE_HEADER = "x-lash-original-exchange"
+
+
+MAX_TRACKED_FAILURES = 10_000
+
+
+def failure_key(message: AbstractIncomingMessage) -> str:
+    """Identifies a message across its redeliveries to this worker."""
+    if message.message_id:
+        return f"id:{message.message_id}"
+    return "sha256:" + hashlib.sha256(message.body).hexdigest()
 
 
 def delivery_count(message: AbstractIncomingMessage) -> int:
@@ -72,6 +84,7 @@ class IngressConsumer:
         self._tag: str | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
+        self._failures: OrderedDict[str, int] = OrderedDict()
 
     async def start(self) -> None:
         queue = await self._consume_channel.get_queue(self._topology.names.ingress, ensure=False)
@@ -136,6 +149,8 @@ class IngressConsumer:
                 return
             await self._reply(message, reply)
             await message.ack()
+            if self._failures:
+                self._failures.pop(failure_key(message), None)
 
     async def _admit(self, decoded: wire.ProducerMessage, message_id: str | None) -> wire.Reply:
         """Admit, retrying transient store errors in process for a little while."""
@@ -155,7 +170,15 @@ class IngressConsumer:
     async def _failed(
         self, message: AbstractIncomingMessage, decoded: wire.ProducerMessage, exc: Exception
     ) -> None:
-        attempts = delivery_count(message) + 1
+        # The broker's count is authoritative across workers; the local count covers
+        # brokers that do not count requeues (it only ever raises the number).
+        key = failure_key(message)
+        local = self._failures.pop(key, 0) + 1
+        attempts = max(delivery_count(message) + 1, local)
+        if attempts < self._max_deliveries:
+            self._failures[key] = local
+            while len(self._failures) > MAX_TRACKED_FAILURES:
+                self._failures.popitem(last=False)
         if attempts >= self._max_deliveries:
             code = "store_unavailable" if isinstance(exc, RetryableStoreError) else "poison_message"
             bad = wire.BadInput(
