@@ -147,7 +147,7 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 async def measure(target: Target, spec: RunSpec, opts: BenchOptions) -> dict[str, Any]:
-    """Run ``spec`` against ``target``; return the result record (see README in bench/)."""
+    """Run ``spec`` against ``target``; return the result record (fields: bench/README.md)."""
     namespace = unique_namespace(opts.namespace_prefix)
     log_dir = Path(tempfile.mkdtemp(prefix=f"lash-bench-{target.kind}-"))
     label = f"{spec.mode}/{target.kind} W={spec.workers}"

@@ -31,6 +31,7 @@ class BenchOptions:
     # Latency mode: inputs per second; None = half the measured maximum turn rate.
     rate: float | None = None
     latency_workers: int | None = None
+    latency_duration_s: float = 30.0
     scale_sessions: list[int] = field(default_factory=lambda: [1000, 10000])
     scale_inputs_per_session: int = 1
     baseline: bool = True
@@ -107,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add("--rate", type=float, help="latency mode: inputs/s (default: half the max turns/s)")
     add("--latency-workers", type=int, help="latency and scale modes: W (default max --workers)")
+    add("--latency-duration", type=float, help="latency mode: seconds of publishing (default 30)")
     add("--scale-sessions", type=_int_list, help="scale mode session counts (default 1000,10000)")
     add("--scale-inputs-per-session", type=int, help="scale mode inputs per session (default 1)")
     add("--no-baseline", action="store_true", help="skip the raw baseline runs")
@@ -144,6 +146,7 @@ def parse_options(argv: list[str] | None = None) -> BenchOptions:
         opts.sessions = 20
         opts.inputs_per_session = 3
         opts.scale_sessions = [200]
+        opts.latency_duration_s = 10.0
         opts.stall_timeout_s = 30.0
     explicit = {
         "workers": args.workers,
@@ -153,6 +156,7 @@ def parse_options(argv: list[str] | None = None) -> BenchOptions:
         "modes": args.modes,
         "rate": args.rate,
         "latency_workers": args.latency_workers,
+        "latency_duration_s": args.latency_duration,
         "scale_sessions": args.scale_sessions,
         "scale_inputs_per_session": args.scale_inputs_per_session,
         "database_url": args.database_url,

@@ -7,7 +7,8 @@ Modes:
   rate-limited publishing at ``--rate`` inputs/s, by default half the pipeline's measured
   maximum turn rate (measured first if the throughput mode did not run at that W). Half
   the *turn* rate, not the input rate: spread-out inputs of a session rarely merge into
-  one turn, so each input costs a turn.
+  one turn, so each input costs a turn. The run lasts about ``--latency-duration``
+  seconds (at most S x K inputs).
 - ``scale``: the pipeline with many sessions touched (``--scale-sessions``) to show how
   throughput, latency and worker memory behave with many sessions.
 - ``--profile``: one more pipeline run at W=1 with the worker under py-spy (or
@@ -64,6 +65,17 @@ def _max_turn_rate(runs: list[dict[str, Any]], workers: int) -> float | None:
     return max(rates) if rates else None
 
 
+def latency_shape(sessions: int, k: int, rate: float, duration_s: float) -> tuple[int, int]:
+    """Sessions x inputs for a rate-limited run lasting about ``duration_s``.
+
+    At most the throughput workload (S x K), else at least 20 inputs; inputs are spread over as
+    many sessions as possible so consecutive inputs of one session are far apart.
+    """
+    total = min(sessions * k, max(20, round(rate * duration_s)))
+    spread = min(sessions, total)
+    return spread, max(1, total // spread)
+
+
 async def run_bench(opts: BenchOptions, stamp: str | None = None) -> dict[str, Any]:
     """Every requested run; returns the results document (also written as JSON)."""
     stamp = stamp or datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
@@ -94,9 +106,10 @@ async def run_bench(opts: BenchOptions, stamp: str | None = None) -> dict[str, A
         if rate is None:
             print("[bench] latency mode skipped: no throughput measured", file=sys.stderr)
         else:
+            ls, lk = latency_shape(s, k, rate, opts.latency_duration_s)
             if opts.baseline:
-                runs.append(await _attempt(baseline, spec("latency", w, s, k, rate), opts))
-            runs.append(await _attempt(pipeline, spec("latency", w, s, k, rate), opts))
+                runs.append(await _attempt(baseline, spec("latency", w, ls, lk, rate), opts))
+            runs.append(await _attempt(pipeline, spec("latency", w, ls, lk, rate), opts))
 
     if "scale" in opts.modes:
         for sessions in opts.scale_sessions:

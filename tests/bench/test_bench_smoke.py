@@ -18,7 +18,7 @@ from bench.measure import RunSpec, measure
 from bench.options import BenchOptions, parse_options
 from bench.profiling import summarize_collapsed
 from bench.report import attach_baseline_ratios, render_table, write_json
-from bench.run import run_bench
+from bench.run import latency_shape, run_bench
 from bench.stats import latency_summary, percentile
 from bench.targets import BaselineTarget
 from bench.tracker import CommitTracker
@@ -86,7 +86,7 @@ async def test_baseline_run_counts_every_input(tmp_path: Path) -> None:
     reason="the worker (consumer.cli) is not built",
 )
 async def test_pipeline_and_baseline_report(tmp_path: Path) -> None:
-    opts = _options(tmp_path, modes=["throughput", "latency"], rate=20.0)
+    opts = _options(tmp_path, modes=["throughput", "latency"], rate=20.0, latency_duration_s=0.1)
     results = await run_bench(opts, stamp="smoke")
     runs = results["runs"]
     assert [(r["mode"], r["kind"]) for r in runs] == [
@@ -145,6 +145,13 @@ def test_profile_summary_groups_by_library() -> None:
     text = summarize_collapsed(collapsed)
     assert "4 samples" in text
     assert "75.0%  sqlalchemy" in text
+
+
+def test_latency_shape_spreads_inputs_over_sessions() -> None:
+    assert latency_shape(200, 5, 4.0, 30.0) == (120, 1)
+    assert latency_shape(200, 5, 1000.0, 30.0) == (200, 5)
+    assert latency_shape(3, 2, 20.0, 0.1) == (3, 2)
+    assert latency_shape(100, 5, 0.1, 1.0) == (20, 1)
 
 
 def test_report_ratio_and_options() -> None:
