@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import subprocess
 import sys
 import uuid
@@ -338,3 +339,45 @@ async def test_session_read_recovers_missed_events(
                 assert [e.seq for e in missed.events] == list(range(first_seen, read.last_seq + 1))
                 texts = [m.text for m in read.messages if m.role == "user"]
                 assert texts[-1] == "seen"
+
+
+async def test_a_killed_workers_session_is_taken_over(
+    db_url: str, amqp_url: str, clean_namespace: str, tmp_path: Path
+) -> None:
+    from lash_core.store.postgres import PostgresStore
+
+    async with fleet(db_url, amqp_url, clean_namespace, tmp_path, echo_delay_ms=2000) as f:
+        workers = {w.name: w for w in [await f.start(), await f.start()]}
+        session = sid("crash")
+        store = PostgresStore(db_url, pool_size=1)
+        await store.start()
+        try:
+            async with (
+                await Producer.connect(amqp_url, clean_namespace) as producer,
+                producer.observe(session) as observer,
+            ):
+                events: list[dict[str, Any]] = []
+                receipt = await producer.submit(session, "survive", source_key="c")
+                assert receipt.input is not None
+                started = await wait_for_event(
+                    observer, events, lambda e: e["type"] == "turn.started"
+                )
+                lease = await store.read_lease(session)
+                assert lease is not None and lease.owner is not None
+                holder = workers[lease.owner.owner_id]
+                assert await holder.stop(signal.SIGKILL) == -signal.SIGKILL
+                committed = await wait_for_event(
+                    observer,
+                    events,
+                    lambda e: (
+                        e["type"] == "turn.committed" and receipt.input.input_id in e["input_ids"]
+                    ),
+                    timeout_s=60,
+                )
+                assert committed["turn_id"] != started["turn_id"]
+                assert committed["outcome"]["kind"] == "finished"
+                history = await read_all_events(producer, session)
+                assert_gapless(history)
+                assert committed_inputs(history)[session] == [receipt.input.input_id]
+        finally:
+            await store.close()
