@@ -9,6 +9,7 @@ peer port is one of those are closed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -101,11 +102,12 @@ async def close_broker_connections(
     )
     rows = json.loads(listing or "[]")
     names = [r["name"] for r in rows if int(r.get("peer_port", -1)) in ports]
-    for name in names:
-        try:
+
+    async def close(name: str) -> None:
+        with contextlib.suppress(AssertionError):  # already gone
             await _run(RABBITMQCTL, "close_connection", name, "fault test: connection drop")
-        except AssertionError:
-            continue  # already gone
+
+    await asyncio.gather(*(close(n) for n in names))
     log.record("broker_connection_close", f"{len(names)} connections")
     return len(names)
 

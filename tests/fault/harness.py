@@ -142,6 +142,21 @@ class Harness:
                 return held
             await asyncio.sleep(0.05)
 
+    async def wait_any_running_turn(self, session_ids: list[str], timeout_s: float) -> int:
+        """Wait until some worker runs a turn of one of ``session_ids``; returns how many
+        turns run at that moment (0 at the deadline)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = await self.store.now_ms()
+            running = sum(
+                1
+                for r in (await self.leases(session_ids)).values()
+                if r.is_live(now) and r.running_turn_id is not None
+            )
+            if running or time.monotonic() > deadline:
+                return running
+            await asyncio.sleep(0.05)
+
     def takeover_times(
         self,
         victims: dict[str, LeaseRow],
@@ -211,7 +226,7 @@ async def harness(
     config = WorkerConfig(database_url, amqp_url, namespace, **worker_settings)
     fleet = Fleet(config, log_dir)
     bus = Bus(amqp_url, namespace)
-    store: Store = PostgresStore(database_url)
+    store: Store = PostgresStore(database_url, pool_size=2, max_overflow=2)
     try:
         await store.start()
         await bus.start()

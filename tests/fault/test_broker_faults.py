@@ -4,6 +4,7 @@ outbox publishes: workers reconnect, nothing is admitted twice, observers see no
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -14,23 +15,23 @@ pytestmark = [pytest.mark.fault, pytest.mark.postgres, pytest.mark.rabbitmq]
 
 
 async def test_broker_connection_drops(make_harness: HarnessFactory) -> None:
-    async with make_harness(echo_delay_ms=300, lease_ttl_ms=2500, sweep_interval_ms=500) as h:
+    async with make_harness(echo_delay_ms=500, lease_ttl_ms=2500, sweep_interval_ms=500) as h:
         await h.fleet.start(2)
         sessions = h.session_ids(8)
+        feeder = asyncio.create_task(h.submit_many(sessions, 12, spacing_s=0.8))
         # Admission: drop while the first burst is being consumed.
-        feeder = asyncio.create_task(h.submit_many(sessions, 5, spacing_s=0.4))
         await asyncio.sleep(0.15)
         dropped = [await h.drop_broker()]
-        # During turns: wait until turns run, then drop.
-        for w in h.fleet.alive():
-            await h.wait_running_turns(w, sessions, 1, timeout_s=10)
+        # During turns: as soon as a turn runs somewhere, drop.
+        running = await h.wait_any_running_turn(sessions, timeout_s=10)
         dropped.append(await h.drop_broker())
-        # While the outbox publishes: wait for fresh events to flow, then drop.
+        # While the outbox publishes: as soon as fresh events flow, drop.
         seen = len(h.bus.observed)
-        await h.bus.wait_for(lambda: len(h.bus.observed) > seen + 5, 20, "events flowing")
+        with contextlib.suppress(AssertionError):
+            await h.bus.wait_for(lambda: len(h.bus.observed) > seen + 2, 5, "events flowing")
+        flowing = len(h.bus.observed) > seen + 2
         dropped.append(await h.drop_broker())
         await feeder
-        await asyncio.sleep(0.5)
         dropped.append(await h.drop_broker())
 
         report = await h.settle_and_check(timeout_s=60)
@@ -41,7 +42,13 @@ async def test_broker_connection_drops(make_harness: HarnessFactory) -> None:
         if consumers < 2:
             report.violation(f"only {consumers} ingress consumers after reconnecting")
         figures.record(
-            "broker_connection_drops", h.figures(report, connections_closed=sum(dropped))
+            "broker_connection_drops",
+            h.figures(
+                report,
+                connections_closed=sum(dropped),
+                turns_running_at_drop=running,
+                events_flowing_at_drop=flowing,
+            ),
         )
         assert all(dropped), f"a drop found no worker connection to close: {dropped}"
         report.assert_ok(h.diagnostics())

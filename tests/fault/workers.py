@@ -37,6 +37,8 @@ class WorkerConfig:
     shutdown_grace_s: float = 8.0
     max_deliveries: int = 5
     max_message_bytes: int | None = None
+    # Small pools: the PostgreSQL server (max_connections) is shared with other test runs.
+    db_pool_size: int = 3
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self, owner_id: str, http_port: int) -> dict[str, str]:
@@ -58,6 +60,7 @@ class WorkerConfig:
                 "LASH_MAX_DELIVERIES": str(self.max_deliveries),
                 "LASH_HTTP_PORT": str(http_port),
                 "LASH_OWNER_ID": owner_id,
+                "LASH_DB_POOL_SIZE": str(self.db_pool_size),
                 "LASH_LOG_FORMAT": "json",
                 "LASH_LOG_LEVEL": os.environ.get("LASH_FAULT_LOG_LEVEL", "info"),
                 "PYTHONUNBUFFERED": "1",
