@@ -70,11 +70,12 @@ class Harness:
     async def expire(self, lease: Lease) -> None:
         """Return once the store clock has passed ``lease.expires_at_ms``."""
         if self.clock is not None:
-            if self.clock.now_ms() < lease.expires_at_ms:
+            if self.clock.now_ms() <= lease.expires_at_ms:
                 self.clock.set(lease.expires_at_ms + 1)
             return
-        deadline = asyncio.get_running_loop().time() + (lease.expires_at_ms / 1000) + 30
         loop = asyncio.get_running_loop()
+        remaining_ms = max(0, lease.expires_at_ms - await self.store.now_ms())
+        deadline = loop.time() + remaining_ms / 1000 + 30
         while await self.store.now_ms() <= lease.expires_at_ms:
             if loop.time() > deadline:
                 raise AssertionError("store clock never passed the lease expiry")
