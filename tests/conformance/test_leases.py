@@ -222,6 +222,8 @@ async def test_LSE_23_concurrent_first_claims_have_one_winner(harness: Harness) 
 
 
 async def test_LSE_24_lease_times_come_from_the_store_clock(store: Store) -> None:
+    """Differs from lash (DESIGN.md difference 1, one clock): admission timestamps also come
+    from the store clock, not the host clock; lease and claim decisions as in lash."""
     before = await store.now_ms()
     lease = await lease_for(store, "s", ttl=45_000)
     after = await store.now_ms()
