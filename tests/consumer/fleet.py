@@ -31,6 +31,7 @@ def worker_env(
         "lease_ttl_ms": 3000,
         "log_format": "json",
         "shutdown_grace_s": 10,
+        "db_pool_size": 3,
     }
     values.update(settings)
     env.update({f"LASH_{k.upper()}": str(v) for k, v in values.items()})
