@@ -120,7 +120,7 @@ def send(
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the reply.")] = 120.0,
     namespace: NamespaceOpt = None,
 ) -> None:
-    """Submit a turn input and print the receipt (``--wait``: and the reply)."""
+    """Submit a turn input and print the receipt (with --wait: and the reply)."""
     settings = _settings(namespace)
     code = _run(lambda: _send(settings, session_id, text, source_key, steer, wait, timeout))
     raise typer.Exit(code)
@@ -316,7 +316,7 @@ def dead_letters(
     as_json: JsonOpt = False,
     namespace: NamespaceOpt = None,
 ) -> None:
-    """List dead letters with their reasons; ``--requeue`` sends them back to ingress."""
+    """List dead letters with their reasons; --requeue sends them back to ingress."""
     from consumer.deadletters import list_dead_letters, requeue_dead_letters
 
     settings = _settings(namespace)

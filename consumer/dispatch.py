@@ -19,6 +19,8 @@ import asyncio
 import contextlib
 from collections.abc import Callable
 
+from structlog.contextvars import bound_contextvars
+
 from consumer.observability.logs import get_logger
 from consumer.observability.metrics import (
     ACTIVE_SESSIONS,
@@ -145,7 +147,10 @@ class Dispatcher:
         self._active += 1
         ACTIVE_SESSIONS.set(self._active)
         try:
-            with span("lash.turn", session_id=session_id):
+            with (
+                bound_contextvars(session_id=session_id),
+                span("lash.turn", session_id=session_id),
+            ):
                 report = await self._driver.drain(session_id)
         except asyncio.CancelledError:
             raise

@@ -1,0 +1,5 @@
+"""``python -m consumer`` is ``lash-consumer``."""
+
+from consumer.cli import main
+
+main()
