@@ -381,3 +381,50 @@ async def test_a_killed_workers_session_is_taken_over(
                 assert committed_inputs(history)[session] == [receipt.input.input_id]
         finally:
             await store.close()
+
+
+async def test_producer_first_then_session_commands(
+    db_url: str, amqp_url: str, clean_namespace: str, tmp_path: Path
+) -> None:
+    session = sid("cmd")
+    async with (
+        fleet(db_url, amqp_url, clean_namespace, tmp_path) as f,
+        await Producer.connect(amqp_url, clean_namespace) as producer,
+        producer.observe(session) as observer,
+    ):
+        # no worker has ever run in this namespace: the producer declared the topology
+        early = SubmitMessage(
+            session_id=session,
+            source_key="early",
+            input=TurnInput(items=[TextItem(text="before any worker")]),
+        )
+        await producer.send(early, reply=False)
+        await f.start()
+        events: list[dict[str, Any]] = []
+        await wait_for_event(observer, events, lambda e: e["type"] == "turn.committed")
+        before = await producer.read(session)
+        assert before.messages[0].text == "before any worker"
+
+        reset = await producer.command(session, "reset_session", idempotency_key="r1")
+        assert reset.status == "admitted"
+        assert (await producer.command(session, "reset_session", idempotency_key="r1")).status == (
+            "duplicate"
+        )
+        applied = await wait_for_event(
+            observer, events, lambda e: e["type"] == "session.command_applied"
+        )
+        assert applied["command"]["kind"] == "reset_session"
+        after = await producer.read(session)
+        assert after.messages == []
+        refresh = await producer.command(session, "refresh_tool_catalog")
+        assert refresh.status == "admitted"
+        await wait_for_event(
+            observer,
+            events,
+            lambda e: (
+                e["type"] == "session.command_applied"
+                and e["command"]["kind"] == "refresh_tool_catalog"
+            ),
+        )
+        history = await read_all_events(producer, session)
+        assert_gapless(history)
