@@ -99,18 +99,18 @@ async def _chaos_step(
     if not alive:
         return
     action = rng.choices(list(plan.weights), weights=list(plan.weights.values()))[0]
-    victim = rng.choice(alive)
+    # A chaos monkey that aims: the worker running the most turns right now (ties at
+    # random), so faults land in the middle of turns rather than on idle workers.
+    leases = await h.leases(sessions)
+    now = await h.store.now_ms()
+    running: dict[str, dict[str, LeaseRow]] = {w.owner_id: {} for w in alive}
+    for sid, row in leases.items():
+        if row.is_live(now) and row.owner is not None and row.running_turn_id is not None:
+            running.setdefault(row.owner.owner_id, {})[sid] = row
+    rng.shuffle(alive)
+    victim = max(alive, key=lambda w: len(running[w.owner_id]))
     if action == "kill9":
-        leases = await h.leases(sessions)
-        now = await h.store.now_ms()
-        victims = {
-            s: r
-            for s, r in leases.items()
-            if r.is_live(now)
-            and r.owner is not None
-            and r.owner.owner_id == victim.owner_id
-            and r.running_turn_id is not None
-        }
+        victims = running[victim.owner_id]
         state.planned_exits.add(victim.owner_id)
         at = await h.kill9(victim)
         state.kills.append(_Kill(victims, at))

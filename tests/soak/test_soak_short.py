@@ -14,7 +14,14 @@ pytestmark = [pytest.mark.soak, pytest.mark.fault, pytest.mark.postgres, pytest.
 
 @pytest.mark.timeout(240)
 async def test_soak_short(make_harness: HarnessFactory) -> None:
-    plan = SoakPlan(workers=3, sessions=20, inputs_per_session=5, duration_s=60, chaos_every_s=7)
+    plan = SoakPlan(
+        workers=3,
+        sessions=20,
+        inputs_per_session=5,
+        duration_s=60,
+        chaos_every_s=6,
+        echo_delay_ms=500,
+    )
     async with make_harness(**plan.worker_settings()) as h:
         report, figs = await run_soak(h, plan)
         figures.record("soak_short", figs)
