@@ -59,12 +59,15 @@ def _echo_json(value: Any) -> None:
 def run(namespace: NamespaceOpt = None) -> None:
     """Start one worker (migrates the database and declares the topology itself)."""
     from consumer.observability.logs import configure_logging
-    from consumer.observability.tracing import configure_tracing
+    from consumer.observability.tracing import configure_tracing, shutdown_tracing
 
     settings = _settings(namespace)
     configure_logging(settings.log_format, settings.log_level)
     configure_tracing(settings.tracing)
-    code = _run(lambda: _serve(settings))
+    try:
+        code = _run(lambda: _serve(settings))
+    finally:
+        shutdown_tracing()  # flush spans still buffered
     raise typer.Exit(code)
 
 
