@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 
 import pytest
@@ -141,3 +142,39 @@ async def test_sigterm_mid_turn_drains_and_exits_zero(make_harness: HarnessFacto
             ),
         )
         report.assert_ok(f"after SIGTERM of {victim.owner_id}\n{h.diagnostics()}")
+
+
+async def test_paused_worker_is_fenced_off_after_takeover(make_harness: HarnessFactory) -> None:
+    """SIGSTOP a worker in the middle of turns for longer than the lease TTL (a stalled
+    holder, not provably dead: its pid still exists), let another worker take over, then
+    SIGCONT it: its late commits must be fenced off - never a second concurrent turn."""
+    async with make_harness(
+        echo_delay_ms=DELAY_MS, lease_ttl_ms=TTL_MS, sweep_interval_ms=SWEEP_MS
+    ) as h:
+        await h.fleet.start(2)
+        sessions = h.session_ids(6)
+        feeder = asyncio.create_task(h.submit_many(sessions, 4, spacing_s=0.35))
+        victim, held = await busiest(h, sessions, at_least=1, timeout_s=20)
+        leases = await h.leases(list(held))
+        victims = {
+            s: r
+            for s, r in leases.items()
+            if r.owner is not None and r.owner.owner_id == victim.owner_id
+        }
+        victim.signal(signal.SIGSTOP)
+        paused_at = time.time()
+        h.faults.record("sigstop", victim.owner_id)
+        await asyncio.sleep(TTL_MS / 1000 + 2.5)
+        victim.signal(signal.SIGCONT)
+        await feeder
+
+        report = await h.settle_and_check(timeout_s=60)
+        takeovers = h.takeover_times(victims, paused_at, report.events)
+        h.takeovers.extend(takeovers.values())
+        figures.record(
+            "sigstop_fencing",
+            h.figures(report, victim_sessions=len(victims), taken_over=len(takeovers)),
+        )
+        assert victim.alive(), f"paused worker died after SIGCONT\n{victim.log_tail(60)}"
+        report.assert_ok(f"after SIGSTOP/SIGCONT of {victim.owner_id}\n{h.diagnostics()}")
+        assert takeovers, f"no session of the paused worker was taken over: {victims}"
