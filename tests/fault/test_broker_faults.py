@@ -8,13 +8,17 @@ import contextlib
 
 import pytest
 
+from tests import services
 from tests.fault import figures
 from tests.fault.conftest import HarnessFactory
+from tests.fault.faults import have_rabbitmqctl
 
 pytestmark = [pytest.mark.fault, pytest.mark.postgres, pytest.mark.rabbitmq]
 
 
 async def test_broker_connection_drops(make_harness: HarnessFactory) -> None:
+    if not have_rabbitmqctl():
+        services.missing("rabbitmqctl (to close the workers' broker connections)")
     async with make_harness(echo_delay_ms=500, lease_ttl_ms=2500, sweep_interval_ms=500) as h:
         await h.fleet.start(2)
         sessions = h.session_ids(8)

@@ -17,6 +17,7 @@ from typing import Any
 
 from lash_core.leases import LeaseRow
 from tests.fault.checker import CheckReport
+from tests.fault.faults import have_rabbitmqctl
 from tests.fault.harness import Harness, WorkerProcess
 
 
@@ -98,7 +99,10 @@ async def _chaos_step(
     alive = h.fleet.alive()
     if not alive:
         return
-    action = rng.choices(list(plan.weights), weights=list(plan.weights.values()))[0]
+    weights = dict(plan.weights)
+    if not have_rabbitmqctl():
+        weights.pop("broker_drop", None)
+    action = rng.choices(list(weights), weights=list(weights.values()))[0]
     # A chaos monkey that aims: the worker running the most turns right now (ties at
     # random), so faults land in the middle of turns rather than on idle workers.
     leases = await h.leases(sessions)
