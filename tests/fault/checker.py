@@ -10,7 +10,8 @@ Invariants, per session:
 4. turns never overlap: in ``seq`` order a ``turn.committed`` closes the turn that is
    open, and a ``turn.started`` while another turn is open supersedes it, which needs a
    strictly newer lease generation - a superseded turn must never commit later;
-5. the transcript holds every input's user text once and at most one echo of it;
+5. the transcript holds every input's user text once and at most one echo of it, and
+   exactly the messages the ``turn.committed`` events report (no partial commit);
 6. observers saw every ``seq`` 1..n (duplicates allowed, holes not) with ``message_id``
    ``<session_id>:<seq>``;
 7. no live lease is held by an owner that is not a running worker.
@@ -27,6 +28,7 @@ from typing import Any
 from lash_core.events import DurableEvent
 from lash_core.inputs import InputState
 from lash_core.store.base import Store
+from lash_core.transcript import MessageNode
 from tests.fault.bus import Bus
 
 
@@ -223,6 +225,7 @@ async def check_invariants(
         texts_user: list[str] = []
         texts_assistant: list[str] = []
         view = await store.read_session(sid)
+        _check_transcript_matches_commits(report, sid, events, view.messages)
         for m in view.messages:
             if m.role == "user":
                 texts_user.append(m.text)
@@ -275,6 +278,28 @@ async def check_invariants(
     if via_wire:
         await _check_session_read(bus, report)
     return report
+
+
+def _check_transcript_matches_commits(
+    report: CheckReport, sid: str, events: list[DurableEvent], messages: list[MessageNode]
+) -> None:
+    """No partial commit: the transcript holds exactly the messages the ``turn.committed``
+    events report as appended - nothing of a turn that never committed, nothing twice."""
+    expected: Counter[tuple[str | None, str, str]] = Counter()
+    for ev in events:
+        if ev.payload.type == "turn.committed":
+            expected.update((m.turn_id, m.role, m.text) for m in ev.payload.messages)
+    actual = Counter((m.turn_id, m.role, m.text) for m in messages)
+    missing, extra = expected - actual, actual - expected
+    for (turn_id, role, text), n in list(missing.items())[:5]:
+        report.violation(
+            f"{sid}: {n}x committed {role} message of {turn_id} not in transcript ({text[:60]!r})"
+        )
+    for (turn_id, role, text), n in list(extra.items())[:5]:
+        report.violation(
+            f"{sid}: {n}x {role} message of {turn_id} in the transcript but in no "
+            f"turn.committed ({text[:60]!r})"
+        )
 
 
 async def _check_session_read(bus: Bus, report: CheckReport) -> None:

@@ -17,7 +17,7 @@ from lash_core.inputs import InputState, NextTurnIngress, PendingTurnInput, Text
 from lash_core.leases import LeaseOwner, LeaseRow
 from lash_core.outcomes import AssistantMessageFinish, Finished, Usage
 from lash_core.store.base import EventPage, SessionView
-from lash_core.transcript import MessageNode, TranscriptMessage
+from lash_core.transcript import MessageNode, to_transcript
 from tests.fault.bus import Bus, Observed
 from tests.fault.checker import CheckReport, Workload, check_invariants
 
@@ -92,15 +92,17 @@ class History:
     def commit(self, turn: str, ids: list[str], transcript: bool = True) -> None:
         texts = [f"<{i.removeprefix('ti_')}>" for i in ids]
         reply = "echo: " + "\n".join(texts)
+        appended = [
+            *(MessageNode(node_id=f"{turn}-{t}", turn_id=turn, role="user", text=t) for t in texts),
+            MessageNode(node_id=turn, turn_id=turn, role="assistant", text=reply),
+        ]
         if transcript:
-            for t in texts:
-                self.store.messages.append(MessageNode(node_id=t, role="user", text=t))
-            self.store.messages.append(MessageNode(node_id=turn, role="assistant", text=reply))
+            self.store.messages.extend(appended)
         self._event(
             TurnCommitted(
                 turn_id=turn,
                 outcome=Finished(finish=AssistantMessageFinish(text=reply)),
-                messages=[TranscriptMessage(role="assistant", text=reply)],
+                messages=[to_transcript(n) for n in appended],
                 usage=Usage(),
                 input_ids=ids,
             )
@@ -180,6 +182,17 @@ async def test_lost_stranded_holes_and_dangling_leases_are_caught() -> None:
     assert report.observed_holes == 1
     assert report.dangling_leases == 1
     assert (await h.check(live={"gone"})).dangling_leases == 0
+
+
+async def test_message_of_an_uncommitted_turn_is_a_partial_commit() -> None:
+    h = History()
+    a = h.admit("a")
+    h.start("T1", [a], gen=1)
+    h.commit("T1", [a])
+    h.store.messages.append(MessageNode(node_id="z", turn_id="T9", role="assistant", text="x"))
+    h.observe_all()
+    report = await h.check()
+    assert any("in no turn.committed" in v for v in report.violations)
 
 
 async def test_duplicated_transcript_message_is_caught() -> None:
