@@ -77,7 +77,9 @@ async def main(args: argparse.Namespace) -> int:
         tempfile.TemporaryDirectory(prefix="lash-soak-") as logs,
     ):
         async with harness(db_url, amqp_url, namespace, Path(logs), **plan.worker_settings()) as h:
-            report, figs = await run_soak(h, plan)
+            report, figs = await run_soak(
+                h, plan, progress=lambda line: print(line, file=sys.stderr, flush=True)
+            )
             figures.record("soak_long", figs)
             path = figures.write({"soak_long": figs})
             print(json.dumps(figs, indent=2, sort_keys=True))

@@ -289,7 +289,9 @@ def _check_transcript_matches_commits(
     for ev in events:
         if ev.payload.type == "turn.committed":
             expected.update((m.turn_id, m.role, m.text) for m in ev.payload.messages)
-    actual = Counter((m.turn_id, m.role, m.text) for m in messages)
+    actual: Counter[tuple[str | None, str, str]] = Counter(
+        (m.turn_id, m.role, m.text) for m in messages
+    )
     missing, extra = expected - actual, actual - expected
     for (turn_id, role, text), n in list(missing.items())[:5]:
         report.violation(

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -95,10 +96,11 @@ async def _replace(h: Harness, state: SoakState, old: WorkerProcess, after_s: fl
 
 async def _chaos_step(
     h: Harness, plan: SoakPlan, state: SoakState, rng: random.Random, sessions: list[str]
-) -> None:
+) -> str:
+    """Inject one fault; returns what was done (for progress output)."""
     alive = h.fleet.alive()
     if not alive:
-        return
+        return "no worker alive: nothing injected"
     weights = dict(plan.weights)
     if not have_rabbitmqctl():
         weights.pop("broker_drop", None)
@@ -127,6 +129,7 @@ async def _chaos_step(
         await h.drop_broker([victim])
     else:
         await h.drop_db([victim])
+    return f"{action} {victim.owner_id} ({len(running[victim.owner_id])} turns running)"
 
 
 def _spawn_bg(state: SoakState, coro: Any) -> None:
@@ -135,8 +138,11 @@ def _spawn_bg(state: SoakState, coro: Any) -> None:
     task.add_done_callback(state.background.discard)
 
 
-async def run_soak(h: Harness, plan: SoakPlan) -> tuple[CheckReport, dict[str, Any]]:
-    """Run the plan against ``h`` and return the invariant report and the figures."""
+async def run_soak(
+    h: Harness, plan: SoakPlan, progress: Callable[[str], None] | None = None
+) -> tuple[CheckReport, dict[str, Any]]:
+    """Run the plan against ``h`` and return the invariant report and the figures.
+    ``progress`` receives one line per injected fault (the long soak prints them)."""
     rng = random.Random(plan.seed)
     state = SoakState()
     sessions = h.session_ids(plan.sessions)
@@ -150,7 +156,13 @@ async def run_soak(h: Harness, plan: SoakPlan) -> tuple[CheckReport, dict[str, A
             await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
             if time.monotonic() >= deadline:
                 break
-            await _chaos_step(h, plan, state, rng, sessions)
+            done = await _chaos_step(h, plan, state, rng, sessions)
+            if progress is not None:
+                progress(
+                    f"[{time.monotonic() - started:7.1f}s] {done}; submitted "
+                    f"{h.workload.input_count}, observed {len(h.bus.observed)} events, "
+                    f"{len(h.fleet.alive())} workers alive"
+                )
         await feeder
         if state.background:
             await asyncio.wait(set(state.background), timeout=90)
