@@ -29,6 +29,7 @@ from bench.options import BenchOptions
 from bench.procs import Fleet
 from bench.progress import show_progress
 from bench.resources import (
+    autovacuum_runs,
     dbname_of,
     delete_namespace,
     fresh_database,
@@ -264,6 +265,7 @@ async def _measure_in(
         if window_start is not None:
             window_s = time.perf_counter() - window_start
     xact_after = await settled_xact_commit(opts.database_url, dbname)
+    maintenance = await autovacuum_runs(database_url)
     if spec.profiler == "py-spy" and spec.profile_path is not None and spec.profile_path.exists():
         summary = profiling.summarize_collapsed(spec.profile_path.read_text(errors="replace"))
         spec.profile_path.with_suffix(".summary.txt").write_text(summary)
@@ -300,6 +302,7 @@ async def _measure_in(
             "tx_per_turn": _ratio(xacts, turns),
             "tx_per_input": _ratio(xacts, committed),
             "idle_tx_per_s": idle_tx_per_s,
+            "autovacuum_runs": maintenance,
             "window_s": round(window_s, 2),
             "tx_per_turn_excl_idle": None
             if idle_tx_per_s is None

@@ -84,6 +84,20 @@ async def settled_xact_commit(
     return last
 
 
+async def autovacuum_runs(database_url: str) -> int:
+    """Autovacuum and autoanalyze passes over ``database_url``'s tables so far.
+
+    Their transactions count in ``xact_commit`` too; reporting them shows when a
+    transaction count includes the server's own maintenance.
+    """
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT coalesce(sum(autovacuum_count + autoanalyze_count), 0) FROM pg_stat_all_tables"
+        )
+        row = await cur.fetchone()
+    return int(row[0]) if row is not None else 0
+
+
 def unique_namespace(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
