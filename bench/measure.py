@@ -213,10 +213,10 @@ async def _measure_in(
         submissions = build_workload(spec.sessions, spec.inputs_per_session)
         tracker.expect(submissions)
         await observer.start()
+        idle_tx_per_s = await _idle_tx_rate(opts, dbname, opts.idle_probe_s)
         if spec.profiler == "py-spy" and spec.profile_path is not None:
             spy = profiling.PySpy(fleet.members[0].pid, spec.profile_path)
             await spy.start()
-        idle_tx_per_s = await _idle_tx_rate(opts, dbname, opts.idle_probe_s)
         xact_before = await xact_commit(opts.database_url, dbname)
         window_start = time.perf_counter()
         for member in fleet.members:
