@@ -25,7 +25,9 @@ from lash_core.transcript import GraphDelta, GraphUnchanged
 VOLATILE_KEYS = frozenset(
     {"node_id", "parent_node_id", "leaf_node_id", "timestamp", "created_at_ms", "id"}
 )
-NOT_HASHED_FIELDS = frozenset({"fence", "release_lease", "expected_head_revision"})
+NOT_HASHED_FIELDS = frozenset(
+    {"fence", "release_lease", "release_lease_if_idle", "expected_head_revision"}
+)
 
 
 class SessionConfig(Frozen):
@@ -45,6 +47,10 @@ class RuntimeCommit(Frozen):
     session_id: str
     fence: LeaseFence | None = None
     release_lease: bool = False
+    #: Release the lease in this commit iff, once it is applied, the session has no open
+    #: input (``inputs.OPEN_STATES``) and no pending command; ``CommitResult.released`` says
+    #: which happened. Lets a drain end without a separate release and re-check.
+    release_lease_if_idle: bool = False
     expected_head_revision: int | None = None
     graph: GraphDelta = Field(default_factory=GraphUnchanged)
     config: SessionConfig | None = None
@@ -66,6 +72,11 @@ class CommitResult(Frozen):
     events: list[DurableEvent] = Field(default_factory=list)
     deferred_input_ids: list[str] = Field(default_factory=list)
     replayed: bool = False
+    #: The commit released the lease (``release_lease``, or ``release_lease_if_idle`` on
+    #: an idle session); on a replay: this fence no longer holds the lease.
+    released: bool = False
+    #: Seen by a ``release_lease_if_idle`` commit: a session command is pending.
+    command_pending: bool = False
 
 
 def _strip_volatile(value: Any) -> Any:

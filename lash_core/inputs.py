@@ -89,6 +89,9 @@ class InputState(StrEnum):
 
 PENDING_STATES = frozenset({InputState.PENDING_ACTIVE, InputState.DEFERRED_NEXT_TURN})
 TERMINAL_STATES = frozenset({InputState.CANCELLED, InputState.COMPLETED})
+#: States that keep a session busy: a lease holder must not go idle while a row is in one.
+#: ``accepted`` counts because a row no commit completed is an orphan the next turn settles.
+OPEN_STATES = frozenset({*PENDING_STATES, InputState.ACCEPTED})
 
 
 class TurnInputDraft(Frozen):
@@ -232,15 +235,31 @@ def select_active_claim(
 
 
 def select_next_turn_claim(
-    rows: Iterable[PendingTurnInput], *, generation: int, max_inputs: int
+    rows: Iterable[PendingTurnInput],
+    *,
+    generation: int,
+    max_inputs: int,
+    before_seq: int | None = None,
 ) -> list[PendingTurnInput]:
-    """Rows an idle next-turn claim takes, in ``enqueue_seq`` order."""
+    """Rows an idle next-turn claim takes, in ``enqueue_seq`` order.
+
+    ``before_seq`` is the ``enqueue_seq`` of the session's earliest pending command (one
+    sequence orders inputs and commands): only rows admitted before it are taken, so a
+    command is never applied after input that was admitted after it (lash-semantics §4.5).
+    """
     chosen = [
         r
         for r in sorted(rows, key=lambda r: r.enqueue_seq)
-        if r.state is InputState.DEFERRED_NEXT_TURN and claimable_by_generation(r.claim, generation)
+        if r.state is InputState.DEFERRED_NEXT_TURN
+        and claimable_by_generation(r.claim, generation)
+        and (before_seq is None or r.enqueue_seq < before_seq)
     ]
     return chosen[:max_inputs]
+
+
+def has_open_input(rows: Iterable[PendingTurnInput]) -> bool:
+    """Whether any row still needs a turn (:data:`OPEN_STATES`): the session is not idle."""
+    return any(r.state in OPEN_STATES for r in rows)
 
 
 def merge_inputs(inputs: Sequence[PendingTurnInput]) -> TurnInput:
@@ -252,6 +271,12 @@ def merge_inputs(inputs: Sequence[PendingTurnInput]) -> TurnInput:
         if trace is None and rec.input.trace_turn_id:
             trace = rec.input.trace_turn_id
     return TurnInput(items=items, trace_turn_id=trace)
+
+
+def requested_turn_id(claimed: Sequence[PendingTurnInput]) -> str | None:
+    """The turn id claimed input asks for: the merged input's ``trace_turn_id`` (a store
+    naming a turn falls back to a fresh id)."""
+    return merge_inputs(claimed).trace_turn_id if claimed else None
 
 
 # --------------------------------------------------------------------------- cancellation

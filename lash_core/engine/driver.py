@@ -5,15 +5,27 @@ runs next (leading session commands, then next-turn input merged into one turn),
 and releases. The consumer service and the embedded facade both call it, so a session
 behaves the same whether it runs behind RabbitMQ or inside a host process.
 
-State is cached per (session, generation): it is loaded when a tenure begins and advanced
-by each commit made under that tenure; a new tenure, a replayed commit or a failed commit
-always reloads from the store.
+The hot path is lean: a drain of one input is three transactions. The first acquires the
+lease and starts the turn (``Store.acquire_and_start_turn``: the store claims the input,
+names the turn and stops before any pending session command); the turn's steering probe is
+the second; the final commit is the third and releases the lease in the same transaction
+when the session is left idle (``release_lease_if_idle``), which the store decides under
+the lease row lock that every admission must pass, so no re-check is needed after it. A
+session command is claimed only when the store reports one pending; a separate release
+(nothing claimed, or the last turn ``max_turns`` allows) is followed by a re-check.
+
+Committed state is cached per session (bounded, least recently used): it is advanced by
+each commit made here and trusted for a new turn only while the turn starts from exactly
+that state (the head revision and leaf the store reports at turn start); otherwise, and
+after a replayed or failed commit, it is loaded again. A session at revision 0 has no
+state to load.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +48,6 @@ from lash_core.errors import (
     TurnCommitConflict,
 )
 from lash_core.events import TurnActivity
-from lash_core.inputs import InputState, merge_inputs
 from lash_core.leases import (
     Acquired,
     Lease,
@@ -44,7 +55,7 @@ from lash_core.leases import (
     LeaseOwner,
     holder_is_definitely_dead,
 )
-from lash_core.store.base import MAX_CLAIM_INPUTS, Residency, Store, TurnStart
+from lash_core.store.base import MAX_CLAIM_INPUTS, Residency, Store, TenureStart, TurnStart
 from lash_core.transcript import (
     GraphAppend,
     GraphDelta,
@@ -61,6 +72,7 @@ ActivitySink = Callable[[TurnActivity], Awaitable[None]]
 COMMIT_BACKOFF_S = 0.05
 COMMIT_BACKOFF_MAX_S = 1.0
 MAX_IDLE_ROUNDS = 3
+STATE_CACHE_SESSIONS = 256
 
 
 class _TenureLost(Exception):
@@ -99,6 +111,25 @@ class _Tally:
     commands_applied: int = 0
 
 
+@dataclass
+class _Opening:
+    """How a tenure begins: its lease and what the acquiring transaction already did."""
+
+    lease: Lease
+    acquired_at: float
+    turn: TurnStart | None
+    command_pending: bool
+    took_over: bool = False
+
+
+@dataclass
+class _TenureEnd:
+    """``idle_release``: the last commit released the lease after the store found the
+    session idle under the admission gate, so nothing can have been left behind."""
+
+    idle_release: bool = False
+
+
 class SessionDriver:
     """Runs sessions' pending work; one instance serves many sessions concurrently."""
 
@@ -112,6 +143,7 @@ class SessionDriver:
         on_activity: ActivitySink | None = None,
         ids: IdFactory | None = None,
         clock: Clock | None = None,
+        state_cache_sessions: int = STATE_CACHE_SESSIONS,
     ) -> None:
         self.store = store
         self.agent = agent
@@ -124,6 +156,8 @@ class SessionDriver:
         self._locks: dict[str, asyncio.Lock] = {}
         self._again: set[str] = set()
         self._replacements: dict[str, list[MessageNode]] = {}
+        self._states: OrderedDict[str, _Cache] = OrderedDict()
+        self._state_cache_sessions = state_cache_sessions
 
     # ------------------------------------------------------------------ host levers
 
@@ -151,8 +185,9 @@ class SessionDriver:
         return self._replacements.get(session_id)
 
     def forget(self, session_id: str) -> None:
-        """Drop any pending replacement of ``session_id`` (park/close/delete)."""
+        """Drop any pending replacement and cached state of ``session_id`` (park/close/delete)."""
         self._replacements.pop(session_id, None)
+        self._states.pop(session_id, None)
 
     def is_draining(self, session_id: str) -> bool:
         lock = self._locks.get(session_id)
@@ -184,15 +219,15 @@ class SessionDriver:
         idle_rounds = 0
         while True:
             self._again.discard(session_id)
-            got = await self._acquire(session_id)
-            if got is None:
+            may_start = max_turns is None or len(tally.turns) < max_turns
+            opening = await self._acquire(session_id, may_start)
+            if opening is None:
                 break
-            lease, acquired_at, reclaimed = got
             acquired_any = True
-            took_over = took_over or reclaimed
+            took_over = took_over or opening.took_over
             before = (len(tally.turns), tally.commands_applied)
             try:
-                await self._tenure(lease, acquired_at, tally, max_turns)
+                end = await self._tenure(opening, tally, max_turns)
             except _TenureLost:
                 lease_lost = True
                 break
@@ -203,9 +238,14 @@ class SessionDriver:
             )
             if idle_rounds >= MAX_IDLE_ROUNDS:
                 break
-            # Input can arrive between the last claim and the release: look once more. The
-            # last check is synchronous with the loop exit, so a concurrent drain call that
-            # found this one running is never lost.
+            # A concurrent drain call that found this one running was absorbed: go round.
+            if session_id in self._again:
+                continue
+            if end.idle_release:
+                break
+            # Released outside an idle commit: input can have arrived between the last
+            # claim and the release, so look once more. The last check is synchronous with
+            # the loop exit, so a concurrent drain call is never lost.
             more = await self._has_visible_work(session_id)
             if more or session_id in self._again:
                 continue
@@ -219,11 +259,21 @@ class SessionDriver:
             turns=tally.turns,
         )
 
-    async def _acquire(self, session_id: str) -> tuple[Lease, float, bool] | None:
+    async def _acquire(self, session_id: str, may_start: bool) -> _Opening | None:
+        """Take the lease (starting the first turn in the same transaction when allowed),
+        or take it over from a provably dead holder."""
         acquired_at = time.monotonic()
-        result = await self.store.try_claim_lease(session_id, self.owner, self.lease_ttl_ms)
-        if isinstance(result, Acquired):
-            return result.lease, acquired_at, False
+        if may_start:
+            opened: TenureStart = await self.store.acquire_and_start_turn(
+                session_id, self.owner, self.lease_ttl_ms, max_inputs=MAX_CLAIM_INPUTS
+            )
+            result = opened.lease
+            if isinstance(result, Acquired):
+                return _Opening(result.lease, acquired_at, opened.turn, opened.command_pending)
+        else:
+            result = await self.store.try_claim_lease(session_id, self.owner, self.lease_ttl_ms)
+            if isinstance(result, Acquired):
+                return _Opening(result.lease, acquired_at, None, True)
         if holder_is_definitely_dead(result.holder.owner, self.owner):
             acquired_at = time.monotonic()
             again = await self.store.reclaim_lease(
@@ -235,7 +285,8 @@ class SessionDriver:
             )
             if isinstance(again, Acquired):
                 log.info("lease_taken_over", session_id=session_id)
-                return again.lease, acquired_at, True
+                # Nothing is known about pending commands yet: look for one first.
+                return _Opening(again.lease, acquired_at, None, True, took_over=True)
         return None
 
     async def _has_visible_work(self, session_id: str) -> bool:
@@ -247,50 +298,105 @@ class SessionDriver:
 
     # ------------------------------------------------------------------ one tenure
 
-    async def _tenure(
-        self, lease: Lease, acquired_at: float, tally: _Tally, max_turns: int | None
-    ) -> None:
+    async def _tenure(self, opening: _Opening, tally: _Tally, max_turns: int | None) -> _TenureEnd:
+        lease = opening.lease
         session_id = lease.session_id
         guard = LeaseGuard(
             self.store,
             lease,
             self.lease_ttl_ms,
-            acquired_at=acquired_at,
+            acquired_at=opening.acquired_at,
             on_cancel_requested=lambda turn_id, reason: self._renewal_cancel(
                 session_id, turn_id, reason
             ),
         )
         guard.start()
+        end = _TenureEnd()
         released = False
+        start, command_pending = opening.turn, opening.command_pending
         try:
-            cache = await self._load(session_id)
             while True:
                 guard.check()
-                while (
-                    claim := await self.store.claim_leading_command(guard.fence, self.owner)
-                ) is not None:
-                    cache = await self._apply_command(cache, claim, guard)
-                    tally.commands_applied += 1
-                if max_turns is not None and len(tally.turns) >= max_turns:
-                    break
-                turn_id, max_inputs = await self._plan_turn(session_id)
-                start = await self.store.start_turn(guard.fence, turn_id, max_inputs=max_inputs)
                 if start is None:
-                    break
+                    if command_pending:
+                        await self._apply_commands(session_id, guard, tally)
+                    if max_turns is not None and len(tally.turns) >= max_turns:
+                        break
+                    start = await self.store.start_turn(guard.fence, max_inputs=MAX_CLAIM_INPUTS)
+                    if start is None:
+                        break
                 last = max_turns is not None and len(tally.turns) + 1 >= max_turns
-                report, cache, released = await self._run_turn(cache, start, guard, last)
+                cache = await self._state_for(session_id, start)
+                report, result, idle = await self._run_turn(cache, start, guard, last)
                 tally.turns.append(report)
-                if released:
+                if result.released:
+                    released = True
+                    end.idle_release = idle
                     break
+                start, command_pending = None, result.command_pending
         except (LeaseLost, Superseded) as exc:
             guard.mark_lost(str(exc))
+            self._states.pop(session_id, None)
             raise _TenureLost from exc
+        except BaseException:
+            # Whatever failed, the cached state may be ahead of or behind the store.
+            self._states.pop(session_id, None)
+            raise
         finally:
             await guard.stop()
             if not released and not guard.is_lost:
                 await self._release(guard.fence)
         if guard.is_lost:
+            self._states.pop(session_id, None)
             raise _TenureLost
+        return end
+
+    async def _apply_commands(self, session_id: str, guard: LeaseGuard, tally: _Tally) -> None:
+        """Apply every session command that precedes all pending next-turn input."""
+        cache: _Cache | None = None
+        while (
+            claim := await self.store.claim_leading_command(guard.fence, self.owner)
+        ) is not None:
+            if cache is None:
+                cache = await self._load(session_id)
+            cache = await self._apply_command(cache, claim, guard)
+            self._remember(session_id, cache)
+            tally.commands_applied += 1
+
+    # ------------------------------------------------------------------ cached state
+
+    async def _state_for(self, session_id: str, start: TurnStart) -> _Cache:
+        """The committed state ``start`` begins from: cached if it is exactly that state,
+        empty at revision 0, else loaded."""
+        cached = self._states.get(session_id)
+        if (
+            cached is not None
+            and cached.head_revision == start.event.revision
+            and cached.leaf_node_id == start.leaf_node_id
+        ):
+            self._states.move_to_end(session_id)
+            return self._with_replacement(session_id, cached)
+        if start.event.revision == 0:
+            return self._remember(
+                session_id, self._with_replacement(session_id, _Cache(0, [], None, None))
+            )
+        return await self._load(session_id)
+
+    def _remember(self, session_id: str, cache: _Cache) -> _Cache:
+        self._states[session_id] = cache
+        self._states.move_to_end(session_id)
+        while len(self._states) > self._state_cache_sessions:
+            self._states.popitem(last=False)
+        return cache
+
+    def _with_replacement(self, session_id: str, cache: _Cache) -> _Cache:
+        """Apply a pending facade replacement (``replace_graph_on_next_commit``)."""
+        replacement = self._replacements.get(session_id)
+        if replacement is not None:
+            cache.nodes = list(replacement)
+            cache.leaf_node_id = replacement[-1].node_id if replacement else None
+            cache.replace_required = True
+        return cache
 
     async def _load(self, session_id: str) -> _Cache:
         state = await self.store.load_state(session_id, Residency.ACTIVE_PATH)
@@ -301,33 +407,7 @@ class SessionDriver:
             leaf_node_id=state.leaf_node_id if nodes else None,
             checkpoint=state.checkpoint,
         )
-        replacement = self._replacements.get(session_id)
-        if replacement is not None:
-            cache.nodes = list(replacement)
-            cache.leaf_node_id = replacement[-1].node_id if replacement else None
-            cache.replace_required = True
-        return cache
-
-    async def _plan_turn(self, session_id: str) -> tuple[str, int]:
-        """Peek (without a claim) at the input the next turn will take: its turn id is the
-        merged input's ``trace_turn_id`` (else a fresh id), and it takes no input admitted
-        after a pending session command, so a command never runs after later input."""
-        pending = sorted(
-            (
-                r
-                for r in await self.store.list_pending_inputs(session_id)
-                if r.state in (InputState.DEFERRED_NEXT_TURN, InputState.PENDING_ACTIVE)
-            ),
-            key=lambda r: r.enqueue_seq,
-        )
-        commands = await self.store.list_commands(session_id, pending_only=True)
-        limit = MAX_CLAIM_INPUTS
-        if commands:
-            first_command = min(c.enqueue_seq for c in commands)
-            before = sum(1 for r in pending if r.enqueue_seq < first_command)
-            limit = max(1, min(limit, before))
-        trace = merge_inputs(pending[:limit]).trace_turn_id if pending else None
-        return trace or self.ids.new_id("turn_"), limit
+        return self._remember(session_id, self._with_replacement(session_id, cache))
 
     def _renewal_cancel(self, session_id: str, turn_id: str | None, reason: str | None) -> None:
         self.cancel(session_id, turn_id, reason)
@@ -381,7 +461,9 @@ class SessionDriver:
 
     async def _run_turn(
         self, cache: _Cache, start: TurnStart, guard: LeaseGuard, last: bool
-    ) -> tuple[TurnReport, _Cache, bool]:
+    ) -> tuple[TurnReport, CommitResult, bool]:
+        """Run and commit one turn. Returns its report, the commit's result and whether a
+        release it made was an idle release (decided by the store under its lock)."""
         session_id, turn_id = start.session_id, start.turn_id
         began = time.monotonic()
         control = TurnControl(turn_id)
@@ -415,7 +497,9 @@ class SessionDriver:
             await self._abandon(claims)
             guard.mark_lost(guard.lost_reason or "lease lost during the turn")
             raise _TenureLost
-        release = last or out.task_cancelled or not await self._has_visible_work(session_id)
+        # The last allowed turn and a cancelled task release unconditionally; otherwise the
+        # commit releases only if it leaves the session idle.
+        release = last or out.task_cancelled
         commit = self._final_commit(cache, start, out, claims, guard, release)
         try:
             result = await asyncio.shield(self._commit_turn(commit, guard))
@@ -423,7 +507,7 @@ class SessionDriver:
             await self._abandon(claims)
             raise
         if result.replayed:
-            cache = await self._load(session_id)
+            self._states.pop(session_id, None)
         else:
             cache.advance(result.head_revision, _new_nodes(commit, cache))
         self._replacements.pop(session_id, None)
@@ -448,7 +532,8 @@ class SessionDriver:
         )
         if out.task_cancelled:
             raise asyncio.CancelledError
-        return report, cache, release
+        idle = result.released and not result.replayed and commit.release_lease_if_idle
+        return report, result, idle
 
     def _final_commit(
         self,
@@ -464,6 +549,7 @@ class SessionDriver:
             session_id=start.session_id,
             fence=guard.fence,
             release_lease=release,
+            release_lease_if_idle=not release,
             expected_head_revision=cache.head_revision,
             graph=cache.delta(out.nodes),
             config=SessionConfig(provider_id=provider.provider_id, model=provider.model),

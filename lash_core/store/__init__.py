@@ -10,6 +10,7 @@ from lash_core.store.base import (
     SessionState,
     SessionView,
     Store,
+    TenureStart,
     TurnStart,
     VacuumReport,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "SessionState",
     "SessionView",
     "Store",
+    "TenureStart",
     "TurnStart",
     "VacuumReport",
 ]

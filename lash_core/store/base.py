@@ -60,7 +60,13 @@ class CommandAdmission(Frozen):
 
 
 class TurnStart(Frozen):
-    """A turn that has begun under a lease: ``turn.started`` is durable."""
+    """A turn that has begun under a lease: ``turn.started`` is durable.
+
+    ``command_pending``: a session command is pending; the claim stopped before it (or it
+    leads), so it must be applied before the next turn starts. ``event.revision`` (the head
+    revision) and ``leaf_node_id`` name the committed state the turn starts from, so a
+    runtime holding that state in memory need not load it again.
+    """
 
     session_id: str
     turn_id: str
@@ -68,6 +74,22 @@ class TurnStart(Frozen):
     claim: TurnInputClaim | None
     resolved_input_ids: list[str] = Field(default_factory=list)
     event: DurableEvent
+    leaf_node_id: str | None = None
+    command_pending: bool = False
+
+
+class TenureStart(Frozen):
+    """What :meth:`Store.acquire_and_start_turn` did.
+
+    ``lease`` is the claim result (``Busy``: nothing was written). When acquired, ``turn``
+    is the turn begun in the same transaction, or ``None`` when no input was claimable;
+    ``command_pending`` says whether a session command waits (it may be why no input was
+    claimable: input admitted after a pending command waits for it).
+    """
+
+    lease: LeaseClaimResult
+    turn: TurnStart | None = None
+    command_pending: bool = False
 
 
 class Residency(StrEnum):
@@ -218,7 +240,7 @@ class Store(abc.ABC):
     async def start_turn(
         self,
         fence: LeaseFence,
-        turn_id: str,
+        turn_id: str | None = None,
         *,
         claim_next_turn_inputs: bool = True,
         require_inputs: bool = True,
@@ -229,10 +251,30 @@ class Store(abc.ABC):
         Validates the fence; resolves input left by a dead generation (``accepted`` rows of
         another generation become ``completed`` if their message is committed, otherwise
         ``deferred_next_turn``; stray ``pending_active`` rows become next-turn input);
-        optionally claims up to ``max_inputs`` next-turn inputs; records ``turn_id`` as the
+        optionally claims up to ``max_inputs`` next-turn inputs in admission order, but
+        none admitted after the session's earliest pending command (that command runs
+        first: ``inputs.select_next_turn_claim(before_seq=...)``); records the turn as the
         running turn; appends ``turn.started``. With ``require_inputs`` and nothing to
         claim, writes nothing and returns ``None``.
+
+        ``turn_id=None``: the store names the turn, after the merged claimed input's
+        ``trace_turn_id`` if it has one, else a fresh ``turn_`` id.
         """
+
+    @abc.abstractmethod
+    async def acquire_and_start_turn(
+        self,
+        session_id: str,
+        owner: LeaseOwner,
+        ttl_ms: int,
+        *,
+        max_inputs: int = MAX_CLAIM_INPUTS,
+    ) -> TenureStart:
+        """``try_claim_lease`` and, when acquired, ``start_turn(turn_id=None)`` in ONE
+        transaction: the first step of a drain's tenure is one round trip.
+
+        The lease is written whenever it is acquired, also when no input is claimable (the
+        caller then applies a pending command or releases)."""
 
     @abc.abstractmethod
     async def claim_next_turn_inputs(
@@ -283,7 +325,16 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def commit(self, commit: RuntimeCommit) -> CommitResult:
-        """Apply a runtime commit atomically (§5.4), appending its durable events."""
+        """Apply a runtime commit atomically (§5.4), appending its durable events.
+
+        ``release_lease_if_idle``: after settling, in the same transaction, release the
+        lease iff the session has no open input and no pending command left
+        (``CommitResult.released``; ``command_pending`` reports a waiting command). Such a
+        release needs no wake-up and no re-check by the caller: every admission locks the
+        lease row (shared) before it draws its ``enqueue_seq`` and notifies after its own
+        commit, so an admission either committed before this commit locked the row (and
+        was seen) or commits after the release (and its own wake-up finds the lease free).
+        """
 
     # ------------------------------------------------------------------ reading
 

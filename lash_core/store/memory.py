@@ -69,13 +69,16 @@ from lash_core.inputs import (
     claim_diagnostics,
     claim_is_live,
     claimable_by_generation,
+    has_open_input,
     initial_state,
+    requested_turn_id,
     same_content,
     select_active_claim,
     select_next_turn_claim,
     target_matches,
 )
 from lash_core.leases import (
+    Acquired,
     DeadCheck,
     LeaseClaimResult,
     LeaseFence,
@@ -95,6 +98,7 @@ from lash_core.store.base import (
     SessionState,
     SessionView,
     Store,
+    TenureStart,
     TurnStart,
     VacuumReport,
 )
@@ -177,6 +181,19 @@ class _Session:
         )
         self.events[event.seq] = event
         return event
+
+    def first_pending_command_seq(self, generation: int | None = None) -> int | None:
+        """``enqueue_seq`` of the earliest pending command (claimable by ``generation``, if
+        given: one this generation claimed is being applied): next-turn claims stop there."""
+        return min(
+            (
+                c.enqueue_seq
+                for c in self.commands.values()
+                if c.state is CommandState.PENDING
+                and (generation is None or claimable_by_generation(c.claim, generation))
+            ),
+            default=None,
+        )
 
     def live_lease(self, now_ms: int) -> LeaseRow | None:
         return self.lease if self.lease is not None and self.lease.is_live(now_ms) else None
@@ -514,7 +531,10 @@ class InMemoryStore(Store):
         self, s: _Session, fence: LeaseFence, owner: LeaseOwner, max_inputs: int, now: int
     ) -> TurnInputClaim | None:
         rows = select_next_turn_claim(
-            s.inputs.values(), generation=fence.fencing_token, max_inputs=max_inputs
+            s.inputs.values(),
+            generation=fence.fencing_token,
+            max_inputs=max_inputs,
+            before_seq=s.first_pending_command_seq(fence.fencing_token),
         )
         if not rows:
             return None
@@ -551,7 +571,7 @@ class InMemoryStore(Store):
     async def start_turn(
         self,
         fence: LeaseFence,
-        turn_id: str,
+        turn_id: str | None = None,
         *,
         claim_next_turn_inputs: bool = True,
         require_inputs: bool = True,
@@ -560,39 +580,83 @@ class InMemoryStore(Store):
         async with self._lock:
             now = self._now()
             s = self._validated(fence, now)
-            resolved = self._resolve_orphans(s, fence.fencing_token, now)
-            claim = (
-                self._claim_next_turn(s, fence, fence.owner, max_inputs, now)
-                if claim_next_turn_inputs
-                else None
+            return self._start_turn(
+                s, fence, turn_id, claim_next_turn_inputs, require_inputs, max_inputs, now
             )
-            if require_inputs and claim is None:
-                return None
-            assert s.lease is not None
-            s.exists = True
-            s.lease = s.lease.model_copy(
-                update={
-                    "running_turn_id": turn_id,
-                    "cancel_requested": False,
-                    "cancel_reason": None,
-                }
-            )
-            input_ids = [r.input_id for r in claim.inputs] if claim else []
-            event = s.append_event(
-                TurnStarted(
-                    turn_id=turn_id, input_ids=input_ids, lease_generation=fence.fencing_token
-                ),
-                now,
-            )
-            self._swap(s)
-            self._notify("events", s.session_id)
-            return TurnStart(
-                session_id=s.session_id,
-                turn_id=turn_id,
-                lease_generation=fence.fencing_token,
-                claim=claim,
-                resolved_input_ids=resolved,
-                event=event,
+
+    def _start_turn(
+        self,
+        s: _Session,
+        fence: LeaseFence,
+        turn_id: str | None,
+        claim_next_turn_inputs: bool,
+        require_inputs: bool,
+        max_inputs: int,
+        now: int,
+    ) -> TurnStart | None:
+        """``start_turn`` on the working copy ``s`` (validated); swaps it in on success."""
+        resolved = self._resolve_orphans(s, fence.fencing_token, now)
+        claim = (
+            self._claim_next_turn(s, fence, fence.owner, max_inputs, now)
+            if claim_next_turn_inputs
+            else None
+        )
+        if require_inputs and claim is None:
+            return None
+        assert s.lease is not None
+        turn_id = (
+            turn_id or requested_turn_id(claim.inputs if claim else []) or self._ids.new_id("turn_")
+        )
+        s.exists = True
+        s.lease = s.lease.model_copy(
+            update={
+                "running_turn_id": turn_id,
+                "cancel_requested": False,
+                "cancel_reason": None,
+            }
+        )
+        input_ids = [r.input_id for r in claim.inputs] if claim else []
+        event = s.append_event(
+            TurnStarted(turn_id=turn_id, input_ids=input_ids, lease_generation=fence.fencing_token),
+            now,
+        )
+        self._swap(s)
+        self._notify("events", s.session_id)
+        return TurnStart(
+            session_id=s.session_id,
+            turn_id=turn_id,
+            lease_generation=fence.fencing_token,
+            claim=claim,
+            resolved_input_ids=resolved,
+            event=event,
+            leaf_node_id=s.leaf_node_id,
+            command_pending=s.first_pending_command_seq(fence.fencing_token) is not None,
+        )
+
+    async def acquire_and_start_turn(
+        self,
+        session_id: str,
+        owner: LeaseOwner,
+        ttl_ms: int,
+        *,
+        max_inputs: int = MAX_CLAIM_INPUTS,
+    ) -> TenureStart:
+        async with self._lock:
+            now = self._now()
+            s = self._copy(session_id)
+            decision = lease_rules.decide_try_claim(s.lease, session_id, owner, now, ttl_ms)
+            result = self._apply_lease(s, decision)
+            if not isinstance(result, Acquired):
+                return TenureStart(lease=result)
+            s = self._copy(session_id)
+            turn = self._start_turn(s, result.lease.fence(), None, True, True, max_inputs, now)
+            return TenureStart(
+                lease=result,
+                turn=turn,
+                command_pending=self._read(session_id).first_pending_command_seq(
+                    result.lease.fencing_token
+                )
+                is not None,
             )
 
     async def claim_next_turn_inputs(
@@ -835,16 +899,19 @@ class InMemoryStore(Store):
                 if stamp is not None:
                     if stamp[0] != commit.commit_hash():
                         raise TurnCommitConflict(s.session_id, commit.turn.turn_id)
-                    released = False
                     if commit.release_lease and commit.fence is not None:
                         row = lease_rules.decide_release(s.lease, commit.fence)
                         if row is not None:
                             s.lease = row
                             self._swap(s)
-                            released = True
-                    if released:
-                        self._notify("work", s.session_id)
-                    return stamp[1].model_copy(update={"replayed": True})
+                            self._notify("work", s.session_id)
+                    # Released now, by the landed attempt, or lost: the fence holds nothing.
+                    gone = commit.fence is None or not lease_rules.fence_matches(
+                        s.lease, commit.fence
+                    )
+                    return stamp[1].model_copy(
+                        update={"replayed": True, "released": gone, "command_pending": False}
+                    )
             if commit.fence is None:
                 raise LeaseLost(s.session_id, "commit without a lease fence")
             lease_rules.validate_fence(s.lease, commit.fence, s.session_id, now)
@@ -904,24 +971,33 @@ class InMemoryStore(Store):
                     deferred_input_ids=deferred,
                 )
                 events.append(s.append_event(payload, now))
+            command_pending = s.first_pending_command_seq() is not None
+            idle = (
+                commit.release_lease_if_idle
+                and not command_pending
+                and not has_open_input(s.inputs.values())
+            )
+            released = False
+            if commit.release_lease or idle:
+                row = lease_rules.decide_release(s.lease, commit.fence)
+                if row is not None:
+                    s.lease = row
+                    released = True
             result = CommitResult(
                 session_id=s.session_id,
                 head_revision=s.head_revision,
                 events=events,
                 deferred_input_ids=deferred,
+                released=released,
+                command_pending=command_pending and commit.release_lease_if_idle,
             )
             if commit.turn is not None:
                 s.stamps[commit.turn.turn_id] = (commit.commit_hash(), result)
-            released = False
-            if commit.release_lease:
-                row = lease_rules.decide_release(s.lease, commit.fence)
-                if row is not None:
-                    s.lease = row
-                    released = True
             self._swap(s)
             if events:
                 self._notify("events", s.session_id)
-            if deferred or released:
+            # An idle release wakes nobody: there is no work to take over.
+            if deferred or (released and not idle):
                 self._notify("work", s.session_id)
             return result
 

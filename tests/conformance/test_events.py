@@ -40,8 +40,10 @@ pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 async def test_events_seq_is_gapless_across_admission_claim_and_commit(store: Store) -> None:
     lease = await lease_for(store, "s")
-    cmd = await store.enqueue_command(command_draft("s", "c"))  # commands have no event
     first = await store.enqueue_input(draft("s", "hello"))
+    # Commands have no event. Admitted after the input, it waits for the turn that takes it
+    # (a command admitted first would hold the input back until it is applied).
+    cmd = await store.enqueue_command(command_draft("s", "c"))
     start = await store.start_turn(lease.fence(), "t1")
     assert start is not None and start.claim is not None
     steer = await store.enqueue_input(draft("s", "steer", ingress=active("t1")))

@@ -64,7 +64,14 @@ from lash_core.inputs import (
     SuffixCancelResult,
     TurnInputDraft,
 )
-from lash_core.leases import DeadCheck, LeaseClaimResult, LeaseFence, LeaseOwner, LeaseRow
+from lash_core.leases import (
+    Acquired,
+    DeadCheck,
+    LeaseClaimResult,
+    LeaseFence,
+    LeaseOwner,
+    LeaseRow,
+)
 from lash_core.outcomes import Usage
 from lash_core.store.base import (
     MAX_CLAIM_INPUTS,
@@ -77,6 +84,7 @@ from lash_core.store.base import (
     SessionState,
     SessionView,
     Store,
+    TenureStart,
     TurnStart,
     VacuumReport,
 )
@@ -133,7 +141,7 @@ _SESSION_SEQ_CTE = """ses AS (
     {source}
     ON CONFLICT (session_id) DO UPDATE SET last_seq = lash_sessions.last_seq + :en,
         updated_at_ms = :enow
-    RETURNING last_seq, head_revision)"""
+    RETURNING last_seq, head_revision, leaf_node_id)"""
 #: Inserts the events numbered from the seqs the ``ses`` CTE allocated.
 _EVENTS_CTE = """ev AS (
     INSERT INTO lash_events (session_id, seq, revision, type, payload, created_at_ms, shard)
@@ -182,22 +190,111 @@ def _numbered(
     ]
 
 
-_WRITE_INPUTS = text(
-    """
+#: Writes state, ingress and claim columns of the rows named in ``:w_ids`` (arrays bound by
+#: :func:`_input_write_params`); usable alone or as a CTE of a larger statement.
+_WRITE_INPUTS_SQL = """
     UPDATE lash_pending_inputs AS p SET state = v.state, ingress = CAST(v.ingress AS jsonb),
         terminal_at_ms = v.terminal_at_ms, claim_id = v.claim_id,
         claim_owner_id = v.owner_id, claim_owner_incarnation_id = v.incarnation_id,
         claim_owner_liveness = CAST(v.liveness AS jsonb), claim_token = v.claim_token,
         claim_fencing_token = v.fencing, claim_session_lease_generation = v.generation
-    FROM unnest(CAST(:ids AS text[]), CAST(:states AS text[]), CAST(:ingress AS text[]),
-        CAST(:terminal AS bigint[]), CAST(:claim_ids AS text[]), CAST(:owner_ids AS text[]),
-        CAST(:incarnations AS text[]), CAST(:liveness AS text[]), CAST(:tokens AS text[]),
-        CAST(:fencing AS bigint[]), CAST(:generations AS bigint[]))
+    FROM unnest(CAST(:w_ids AS text[]), CAST(:w_states AS text[]), CAST(:w_ingress AS text[]),
+        CAST(:w_terminal AS bigint[]), CAST(:w_claim_ids AS text[]), CAST(:w_owners AS text[]),
+        CAST(:w_incarnations AS text[]), CAST(:w_liveness AS text[]), CAST(:w_tokens AS text[]),
+        CAST(:w_fencing AS bigint[]), CAST(:w_generations AS bigint[]))
         AS v(input_id, state, ingress, terminal_at_ms, claim_id, owner_id, incarnation_id,
              liveness, claim_token, fencing, generation)
-    WHERE p.input_id = v.input_id AND p.session_id = :s
+    WHERE p.input_id = v.input_id AND p.session_id = :w_s
     RETURNING p.input_id
+"""
+_WRITE_INPUTS = text(_WRITE_INPUTS_SQL)
+
+
+def _input_write_params(
+    session_id: str, records: Sequence[PendingTurnInput], now: int
+) -> dict[str, Any]:
+    claims = [claim_params(r.claim) for r in records]
+    return {
+        "w_s": session_id,
+        "w_ids": [r.input_id for r in records],
+        "w_states": [r.state.value for r in records],
+        "w_ingress": [dumps(r.ingress.model_dump(mode="json")) for r in records],
+        "w_terminal": [now if r.state in rules.TERMINAL_STATES else None for r in records],
+        "w_claim_ids": [c["claim_id"] for c in claims],
+        "w_owners": [c["claim_owner_id"] for c in claims],
+        "w_incarnations": [c["claim_owner_incarnation_id"] for c in claims],
+        "w_liveness": [c["claim_owner_liveness"] for c in claims],
+        "w_tokens": [c["claim_token"] for c in claims],
+        "w_fencing": [r.claim_fencing_token for r in records],
+        "w_generations": [c["claim_session_lease_generation"] for c in claims],
+    }
+
+
+#: ``inputs.OPEN_STATES`` as an SQL list: rows that keep a session busy.
+_OPEN_STATES_SQL = ", ".join(f"'{state.value}'" for state in sorted(rules.OPEN_STATES))
+
+#: The earliest pending command's ``enqueue_seq`` and every open input row of the session
+#: (locked, in admission order), in one statement. Plain ``FOR UPDATE`` (not SKIP LOCKED):
+#: skipping a row another transaction holds would let a later row be claimed before it.
+_OPEN_ROWS = text(
+    f"""
+    SELECT c.first_command, i.* FROM (
+        SELECT min(enqueue_seq) AS first_command FROM lash_session_commands
+        WHERE session_id = :s AND state = 'pending'
+          AND (claim_token IS NULL OR claim_session_lease_generation <> :g)) c
+    LEFT JOIN LATERAL (
+        SELECT {INPUT_COLUMNS} FROM lash_pending_inputs
+        WHERE session_id = :s AND state IN ({_OPEN_STATES_SQL})
+        ORDER BY enqueue_seq FOR UPDATE) i ON true
+    ORDER BY i.enqueue_seq
     """
+)
+
+
+_COMPLETE_AND_DEFER = text(
+    """
+                WITH graph AS (
+                    INSERT INTO lash_nodes (session_id, node_id, ordinal, node)
+                    SELECT :s, n.id, :base + n.ord, CAST(n.body AS jsonb)
+                    FROM unnest(CAST(:node_ids AS text[]), CAST(:bodies AS text[]))
+                        WITH ORDINALITY AS n(id, body, ord)
+                    ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,
+                        ordinal = EXCLUDED.ordinal
+                    RETURNING 1),
+                done AS (
+                    UPDATE lash_pending_inputs SET state = 'completed', terminal_at_ms = :now,
+                        claim_id = NULL, claim_owner_id = NULL,
+                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
+                        claim_token = NULL, claim_session_lease_generation = 0
+                    WHERE session_id = :s AND input_id = ANY(:ids) RETURNING 1),
+                cmds AS (
+                    UPDATE lash_session_commands SET state = 'completed', terminal_at_ms = :now,
+                        claim_id = NULL, claim_owner_id = NULL,
+                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
+                        claim_token = NULL, claim_session_lease_generation = 0
+                    WHERE session_id = :s AND batch_id = ANY(:bids) RETURNING 1),
+                deferred AS (
+                    UPDATE lash_pending_inputs SET state = 'deferred_next_turn',
+                        ingress = '{"scope":"next_turn"}'::jsonb,
+                        claim_id = NULL, claim_owner_id = NULL,
+                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
+                        claim_token = NULL, claim_session_lease_generation = 0
+                    WHERE session_id = :s AND state = 'pending_active'
+                      AND CAST(:turn AS text) IS NOT NULL AND ingress->>'turn_id' = :turn
+                      AND NOT (input_id = ANY(:ids))
+                    RETURNING input_id, enqueue_seq)
+                SELECT
+                    (SELECT coalesce(array_agg(input_id ORDER BY enqueue_seq), '{}')
+                     FROM deferred) AS deferred,
+                    CAST(:probe AS boolean) AND EXISTS (
+                        SELECT 1 FROM lash_pending_inputs
+                        WHERE session_id = :s AND state IN ({open_states})
+                          AND NOT (input_id = ANY(:ids))) AS open_input,
+                    CAST(:probe AS boolean) AND EXISTS (
+                        SELECT 1 FROM lash_session_commands
+                        WHERE session_id = :s AND state = 'pending'
+                          AND NOT (batch_id = ANY(:bids))) AS command_pending
+                """.replace("{open_states}", _OPEN_STATES_SQL)
 )
 
 
@@ -220,6 +317,27 @@ def _validate_completions(
         for batch_id in cc.batch_ids:
             if owned.get(batch_id) != (cc.claim_id, cc.claim_token):
                 raise Superseded(sid, cc.claim_id, "command")
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:s, 0))")
+
+#: Every admission (input or command) passes this gate BEFORE it draws its ``enqueue_seq``:
+#: it locks the session's lease row FOR SHARE or, while the session has no lease row yet,
+#: takes the shared side of the advisory lock a first lease claim holds exclusively. A
+#: lease holder locks the row FOR UPDATE, so an admission either committed before the
+#: holder's lock (the holder sees it) or draws its seq and commits after the holder's
+#: transaction (and wakes a drain itself). Hence what a holder sees after its lock is a
+#: prefix of the session's admission order (next-turn claims rely on it to stop at the
+#: earliest pending command) and an idle check under the lock misses no admission.
+_ADMISSION_GATE = f"""
+    SELECT {NOW_SQL} AS now_ms, x.lease,
+        CASE WHEN x.lease IS NULL THEN (SELECT true
+            FROM pg_advisory_xact_lock_shared(hashtextextended(:s, 0))) END AS gated{{seq}}
+    FROM (SELECT (SELECT row_to_json(l) FROM lash_leases l WHERE l.session_id = :s
+        FOR SHARE) AS lease) x
+"""
+_ADMISSION_GATE_AND_SEQ = text(_ADMISSION_GATE.format(seq=", nextval('lash_enqueue_seq') AS seq"))
+_COMMAND_ADMISSION_GATE = text(_ADMISSION_GATE.format(seq=""))
 
 
 class _Rollback(Exception):
@@ -341,24 +459,7 @@ class PostgresStore(Store):
         """Write state, ingress and claim columns of ``records``; returns rows written."""
         if not records:
             return 0
-        claims = [claim_params(r.claim) for r in records]
-        result = await conn.execute(
-            _WRITE_INPUTS,
-            {
-                "s": session_id,
-                "ids": [r.input_id for r in records],
-                "states": [r.state.value for r in records],
-                "ingress": [dumps(r.ingress.model_dump(mode="json")) for r in records],
-                "terminal": [now if r.state in rules.TERMINAL_STATES else None for r in records],
-                "claim_ids": [c["claim_id"] for c in claims],
-                "owner_ids": [c["claim_owner_id"] for c in claims],
-                "incarnations": [c["claim_owner_incarnation_id"] for c in claims],
-                "liveness": [c["claim_owner_liveness"] for c in claims],
-                "tokens": [c["claim_token"] for c in claims],
-                "fencing": [r.claim_fencing_token for r in records],
-                "generations": [c["claim_session_lease_generation"] for c in claims],
-            },
-        )
+        result = await conn.execute(_WRITE_INPUTS, _input_write_params(session_id, records, now))
         return len(result.all())
 
     async def _append_events(
@@ -370,20 +471,43 @@ class PostgresStore(Store):
         notes: Sequence[Note] = (),
         *,
         lease: LeaseRow | None = None,
+        inputs: Sequence[PendingTurnInput] = (),
     ) -> list[DurableEvent]:
-        """In one statement: optionally write ``lease``, allocate the next ``seq`` values on
-        the session row, insert the events and notify (delivered on commit)."""
+        """In one statement: optionally write ``lease`` and the columns of ``inputs``,
+        allocate the next ``seq`` values on the session row, insert the events and notify
+        (delivered on commit)."""
+        events, _ = await self._append(
+            conn, session_id, now, payloads, notes, lease=lease, inputs=inputs
+        )
+        return events
+
+    async def _append(
+        self,
+        conn: AsyncConnection,
+        session_id: str,
+        now: int,
+        payloads: Sequence[EventPayload],
+        notes: Sequence[Note] = (),
+        *,
+        lease: LeaseRow | None = None,
+        inputs: Sequence[PendingTurnInput] = (),
+    ) -> tuple[list[DurableEvent], str | None]:
+        """:meth:`_append_events`, also returning the session's committed leaf node id."""
         params, values, calls = _event_params(session_id, now, payloads, notes)
         ctes: list[str] = []
         if lease is not None:
             ctes.append(f"lease_w AS ({LEASE_UPSERT_SQL} RETURNING 1)")
             params.update(lease_params(lease))
+        if inputs:
+            # The rows were read FOR UPDATE in this transaction: all of them are written.
+            ctes.append(f"inputs_w AS ({_WRITE_INPUTS_SQL})")
+            params.update(_input_write_params(session_id, inputs, now))
         if not payloads:
             if not ctes and not calls:
-                return []
+                return [], None
             head = "WITH " + ", ".join(ctes) + " " if ctes else ""
             await conn.execute(text(head + "SELECT " + (", ".join(calls) or "1")), params)
-            return []
+            return [], None
         ctes.append(_SESSION_SEQ_CTE.format(source="VALUES (:es, :en, :enow, :enow)"))
         ctes.append(_EVENTS_CTE.format(values=values))
         row = (
@@ -391,14 +515,15 @@ class PostgresStore(Store):
                 text(
                     "WITH "
                     + ", ".join(ctes)
-                    + " SELECT ses.last_seq, ses.head_revision"
+                    + " SELECT ses.last_seq, ses.head_revision, ses.leaf_node_id"
                     + "".join(", " + c for c in calls)
                     + " FROM ses"
                 ),
                 params,
             )
         ).one()
-        return _numbered(session_id, int(row.last_seq), int(row.head_revision), now, payloads)
+        events = _numbered(session_id, int(row.last_seq), int(row.head_revision), now, payloads)
+        return events, row.leaf_node_id
 
     async def _inputs(
         self, conn: AsyncConnection, where: str, params: dict[str, Any], suffix: str = ""
@@ -418,19 +543,11 @@ class PostgresStore(Store):
         sid = draft.session_id
         input_id = draft.input_id or self._ids.new_id("ti_")
         async with self._tx() as conn:
-            # The lease row FOR SHARE serialises admission against a final commit's
-            # deferral of pending_active rows; the sequence value is drawn up front so the
-            # whole admission (row, session, event, wake-ups) is one more statement.
-            row = (
-                await conn.execute(
-                    text(
-                        f"SELECT {NOW_SQL} AS now_ms, (SELECT row_to_json(l) FROM lash_leases l"
-                        " WHERE l.session_id = :s FOR SHARE) AS lease,"
-                        " nextval('lash_enqueue_seq') AS seq"
-                    ),
-                    {"s": sid},
-                )
-            ).one()
+            # The admission gate (lease row FOR SHARE) serialises admission against a
+            # final commit's deferral and idle release and against next-turn claims; the
+            # sequence value is drawn after the gate, in the same statement, so the whole
+            # admission (row, session, event, wake-ups) is one more statement.
+            row = (await conn.execute(_ADMISSION_GATE_AND_SEQ, {"s": sid})).one()
             now, lease = int(row.now_ms), lease_from_json(row.lease)
             running = lease.running_turn_id if lease and lease.is_live(now) else None
             ingress = rules.admitted_ingress(draft.ingress, running)
@@ -652,9 +769,7 @@ class PostgresStore(Store):
         async with self._tx() as conn:
             # The advisory lock makes the first claim of a missing row safe: the loser
             # waits, then reads the winner's committed row in its next statement.
-            await conn.execute(
-                text("SELECT pg_advisory_xact_lock(hashtextextended(:s, 0))"), {"s": session_id}
-            )
+            await conn.execute(_ADVISORY_LOCK, {"s": session_id})
             now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
             if observed is None or dead is None:
                 decision = lease_rules.decide_try_claim(row, session_id, owner, now, ttl_ms)
@@ -727,48 +842,37 @@ class PostgresStore(Store):
         ]
         return cid, token, fencing, written
 
-    async def _claim_next_turn(
-        self,
-        conn: AsyncConnection,
-        fence: LeaseFence,
-        owner: LeaseOwner,
-        now: int,
-        max_inputs: int,
-        overrides: dict[str, PendingTurnInput] | None = None,
-    ) -> TurnInputClaim | None:
-        rows = (
-            await self._inputs(
-                conn,
-                "session_id = :s AND state = 'deferred_next_turn'"
-                " AND (claim_token IS NULL OR claim_session_lease_generation <> :g)",
-                {"s": fence.session_id, "g": fence.fencing_token, "n": max_inputs},
-                "LIMIT :n FOR UPDATE SKIP LOCKED",
-            )
-            if max_inputs > 0
-            else []
-        )
-        return await self._finish_next_turn(conn, fence, owner, now, max_inputs, rows, overrides)
+    async def _open_rows(
+        self, conn: AsyncConnection, session_id: str, generation: int
+    ) -> tuple[int | None, list[PendingTurnInput]]:
+        """The ``enqueue_seq`` of the earliest pending command ``generation`` did not claim
+        (one it claimed is being applied) and the open input rows, locked.
 
-    async def _finish_next_turn(
+        Called after the lease row is locked FOR UPDATE, in a later statement: every
+        admission locks that row (shared) before it draws its ``enqueue_seq``, so the rows
+        seen here are a prefix of the session's admission order, commands included.
+        """
+        found = (await conn.execute(_OPEN_ROWS, {"s": session_id, "g": generation})).all()
+        first = found[0].first_command if found else None
+        rows = [input_from_row(r._mapping) for r in found if r.input_id is not None]
+        return (int(first) if first is not None else None), rows
+
+    def _next_turn_claim(
         self,
-        conn: AsyncConnection,
         fence: LeaseFence,
         owner: LeaseOwner,
         now: int,
+        rows: Sequence[PendingTurnInput],
         max_inputs: int,
-        rows: list[PendingTurnInput],
-        overrides: dict[str, PendingTurnInput] | None,
+        before_seq: int | None,
     ) -> TurnInputClaim | None:
-        merged = {r.input_id: r for r in rows}
-        merged.update(overrides or {})
+        """The next-turn claim over ``rows`` (not yet written), or ``None``."""
         chosen = rules.select_next_turn_claim(
-            merged.values(), generation=fence.fencing_token, max_inputs=max_inputs
+            rows, generation=fence.fencing_token, max_inputs=max_inputs, before_seq=before_seq
         )
         if not chosen:
             return None
         cid, token, fencing, written = self._claim_rows(chosen, fence, owner, now, None)
-        if await self._write_inputs(conn, fence.session_id, written, now) != len(written):
-            raise _Rollback
         return TurnInputClaim(
             session_id=fence.session_id,
             claim_id=cid,
@@ -783,64 +887,108 @@ class PostgresStore(Store):
     async def start_turn(
         self,
         fence: LeaseFence,
-        turn_id: str,
+        turn_id: str | None = None,
         *,
         claim_next_turn_inputs: bool = True,
         require_inputs: bool = True,
         max_inputs: int = MAX_CLAIM_INPUTS,
     ) -> TurnStart | None:
+        async with self._tx() as conn:
+            now, lease = await self._fenced(conn, fence)
+            begun = await self._start_turn(
+                conn,
+                fence,
+                lease,
+                now,
+                turn_id,
+                claim_next_turn_inputs,
+                require_inputs,
+                max_inputs,
+            )
+            return begun[0]
+
+    async def _start_turn(
+        self,
+        conn: AsyncConnection,
+        fence: LeaseFence,
+        lease: LeaseRow,
+        now: int,
+        turn_id: str | None,
+        claim_next_turn_inputs: bool,
+        require_inputs: bool,
+        max_inputs: int,
+    ) -> tuple[TurnStart | None, bool]:
+        """``start_turn`` after the lease row is locked and ``lease`` is the tenure's row (to
+        be written with the running turn). Returns the turn (``None``: nothing written) and
+        whether a session command is pending. Two statements, three with orphans."""
         sid = fence.session_id
-        try:
-            async with self._tx() as conn:
-                now, lease = await self._fenced(conn, fence)
-                open_rows = await self._inputs(
-                    conn,
-                    "session_id = :s AND state IN"
-                    " ('accepted', 'pending_active', 'deferred_next_turn')",
-                    {"s": sid},
-                    "FOR UPDATE SKIP LOCKED",
-                )
-                resolved = await self._resolve_orphans(conn, sid, fence.fencing_token, open_rows)
-                claim = None
-                if claim_next_turn_inputs:
-                    claim = await self._finish_next_turn(
-                        conn,
-                        fence,
-                        fence.owner,
-                        now,
-                        max_inputs,
-                        open_rows,
-                        {r.input_id: r for r in resolved},
-                    )
-                if require_inputs and claim is None:
-                    raise _Rollback
-                claimed = {r.input_id for r in claim.inputs} if claim else set()
-                await self._write_inputs(
-                    conn, sid, [r for r in resolved if r.input_id not in claimed], now
-                )
-                running = lease.model_copy(
-                    update={
-                        "running_turn_id": turn_id,
-                        "cancel_requested": False,
-                        "cancel_reason": None,
-                    }
-                )
-                started = TurnStarted(
-                    turn_id=turn_id,
-                    input_ids=[r.input_id for r in claim.inputs] if claim else [],
-                    lease_generation=fence.fencing_token,
-                )
-                (event,) = await self._append_events(conn, sid, now, [started], lease=running)
-                return TurnStart(
-                    session_id=sid,
-                    turn_id=turn_id,
-                    lease_generation=fence.fencing_token,
-                    claim=claim,
-                    resolved_input_ids=[r.input_id for r in resolved],
-                    event=event,
-                )
-        except _Rollback:
-            return None
+        first_command, open_rows = await self._open_rows(conn, sid, fence.fencing_token)
+        resolved = await self._resolve_orphans(conn, sid, fence.fencing_token, open_rows)
+        claim = None
+        if claim_next_turn_inputs and max_inputs > 0:
+            candidates = {r.input_id: r for r in open_rows}
+            candidates.update({r.input_id: r for r in resolved})
+            claim = self._next_turn_claim(
+                fence, fence.owner, now, list(candidates.values()), max_inputs, first_command
+            )
+        if require_inputs and claim is None:
+            return None, first_command is not None
+        claimed = claim.inputs if claim else []
+        turn_id = turn_id or rules.requested_turn_id(claimed) or self._ids.new_id("turn_")
+        ids = {r.input_id for r in claimed}
+        running = lease.model_copy(
+            update={"running_turn_id": turn_id, "cancel_requested": False, "cancel_reason": None}
+        )
+        started = TurnStarted(
+            turn_id=turn_id,
+            input_ids=[r.input_id for r in claimed],
+            lease_generation=fence.fencing_token,
+        )
+        (event,), leaf = await self._append(
+            conn,
+            sid,
+            now,
+            [started],
+            lease=running,
+            inputs=[*claimed, *(r for r in resolved if r.input_id not in ids)],
+        )
+        turn = TurnStart(
+            session_id=sid,
+            turn_id=turn_id,
+            lease_generation=fence.fencing_token,
+            claim=claim,
+            resolved_input_ids=[r.input_id for r in resolved],
+            event=event,
+            leaf_node_id=leaf,
+            command_pending=first_command is not None,
+        )
+        return turn, first_command is not None
+
+    async def acquire_and_start_turn(
+        self,
+        session_id: str,
+        owner: LeaseOwner,
+        ttl_ms: int,
+        *,
+        max_inputs: int = MAX_CLAIM_INPUTS,
+    ) -> TenureStart:
+        async with self._tx() as conn:
+            now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
+            if row is None:
+                # First claim of the session: serialise on the advisory lock (see
+                # ``_claim_lease``), then read again in a new statement.
+                await conn.execute(_ADVISORY_LOCK, {"s": session_id})
+                now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
+            decision = lease_rules.decide_try_claim(row, session_id, owner, now, ttl_ms)
+            if not isinstance(decision.result, Acquired) or decision.write is None:
+                return TenureStart(lease=decision.result)
+            lease = decision.result.lease
+            turn, command_pending = await self._start_turn(
+                conn, lease.fence(), decision.write, now, None, True, True, max_inputs
+            )
+            if turn is None:
+                await self._write_lease(conn, decision.write)
+            return TenureStart(lease=decision.result, turn=turn, command_pending=command_pending)
 
     async def _resolve_orphans(
         self,
@@ -882,12 +1030,17 @@ class PostgresStore(Store):
     async def claim_next_turn_inputs(
         self, fence: LeaseFence, owner: LeaseOwner, max_inputs: int = MAX_CLAIM_INPUTS
     ) -> TurnInputClaim | None:
-        try:
-            async with self._tx() as conn:
-                now, _ = await self._fenced(conn, fence)
-                return await self._claim_next_turn(conn, fence, owner, now, max_inputs)
-        except _Rollback:
-            return None
+        async with self._tx() as conn:
+            now, _ = await self._fenced(conn, fence)
+            first_command, rows = await self._open_rows(conn, fence.session_id, fence.fencing_token)
+            claim = self._next_turn_claim(fence, owner, now, rows, max_inputs, first_command)
+            if claim is None:
+                return None
+            if await self._write_inputs(conn, fence.session_id, claim.inputs, now) != len(
+                claim.inputs
+            ):
+                raise RetryableStoreError("claimed input rows changed under their lock")
+            return claim
 
     async def claim_active_turn_inputs(
         self,
@@ -946,10 +1099,24 @@ class PostgresStore(Store):
     async def has_active_input(
         self, session_id: str, turn_id: str, checkpoint: CheckpointKind
     ) -> bool:
+        # One statement (this probe runs at every checkpoint of every turn): the candidate
+        # rows, each carrying the session's lease generation.
         async with self._tx() as conn:
-            _, lease = await self._now_lease(conn, session_id)
-            rows = await self._active_candidates(conn, session_id, turn_id)
-        generation = lease.fencing_token if lease else 0
+            found = (
+                await conn.execute(
+                    text(
+                        "SELECT (SELECT fencing_token FROM lash_leases WHERE session_id = :s)"
+                        f" AS lease_generation, {INPUT_COLUMNS} FROM lash_pending_inputs"
+                        " WHERE session_id = :s AND state = 'pending_active'"
+                        " AND ingress->>'turn_id' = :t ORDER BY enqueue_seq"
+                    ),
+                    {"s": session_id, "t": turn_id},
+                )
+            ).all()
+        if not found:
+            return False
+        generation = int(found[0].lease_generation or 0)
+        rows = [input_from_row(r._mapping) for r in found]
         return bool(
             rules.select_active_claim(
                 rows, turn_id=turn_id, checkpoint=checkpoint, generation=generation, max_inputs=1
@@ -973,6 +1140,8 @@ class PostgresStore(Store):
     async def enqueue_command(self, draft: CommandDraft) -> CommandAdmission:
         sid = draft.session_id
         async with self._tx() as conn:
+            # The command's enqueue_seq is drawn by the insert, after the gate.
+            await conn.execute(_COMMAND_ADMISSION_GATE, {"s": sid})
             inserted = (
                 await conn.execute(
                     text(
@@ -1170,8 +1339,16 @@ class PostgresStore(Store):
                 raise TurnCommitConflict(sid, commit.turn.turn_id)
             if commit.release_lease and commit.fence is not None:
                 await self._release(conn, lease_row, commit.fence)
+            # Released now, by the landed attempt, or lost: this fence holds nothing more.
+            gone = (
+                commit.fence is None
+                or commit.release_lease
+                or not lease_rules.fence_matches(lease_row, commit.fence)
+            )
             stored = CommitResult.model_validate(stamp["result"])
-            return stored.model_copy(update={"replayed": True})
+            return stored.model_copy(
+                update={"replayed": True, "released": gone, "command_pending": False}
+            )
         if commit.fence is None:
             raise LeaseLost(sid, "commit without a lease fence")
         lease = lease_rules.validate_fence(lease_row, commit.fence, sid, now)
@@ -1191,7 +1368,7 @@ class PostgresStore(Store):
             appended = list(commit.graph.nodes)
         input_ids = [i for c in commit.completed_input_claims for i in c.input_ids]
         batch_ids = [b for c in commit.completed_command_claims for b in c.batch_ids]
-        deferred = await self._complete_and_defer(
+        deferred, open_input, command_pending = await self._complete_and_defer(
             conn, commit, input_ids, batch_ids, now, new_head, appended
         )
 
@@ -1211,15 +1388,29 @@ class PostgresStore(Store):
             )
         # The session row is locked (read FOR UPDATE above), so the seqs are known now.
         events = _numbered(sid, last_seq + len(payloads), new_head, now, payloads)
-        result = CommitResult(
-            session_id=sid, head_revision=new_head, events=events, deferred_input_ids=deferred
-        )
         if commit.turn is not None:
             lease = lease.model_copy(
                 update={"running_turn_id": None, "cancel_requested": False, "cancel_reason": None}
             )
-        released = lease_rules.decide_release(lease, commit.fence) if commit.release_lease else None
-        notes: list[Note] = [("work", None)] if deferred or released is not None else []
+        # The lease row has been locked FOR UPDATE since this transaction's first statement
+        # and admissions lock it FOR SHARE: the idle check cannot miss a committed admission.
+        idle = commit.release_lease_if_idle and not open_input and not command_pending
+        released = (
+            lease_rules.decide_release(lease, commit.fence)
+            if commit.release_lease or idle
+            else None
+        )
+        result = CommitResult(
+            session_id=sid,
+            head_revision=new_head,
+            events=events,
+            deferred_input_ids=deferred,
+            released=released is not None,
+            command_pending=command_pending,
+        )
+        # An idle release wakes nobody: there is no work for another worker to take.
+        wake = bool(deferred) or (released is not None and not idle)
+        notes: list[Note] = [("work", None)] if wake else []
         await self._finish_commit(
             conn,
             commit,
@@ -1322,46 +1513,17 @@ class PostgresStore(Store):
         now: int,
         revision: int,
         nodes: list[MessageNode],
-    ) -> list[str]:
+    ) -> tuple[list[str], bool, bool]:
         """Write appended nodes, complete claimed rows and defer the turn's unaccepted
-        steering input (§1.9), in one statement."""
+        steering input (§1.9), in one statement. Returns the deferred input ids and, when
+        the commit asks ``release_lease_if_idle``, whether open input (``OPEN_STATES``) or a
+        pending command remains once this commit is applied (else ``False, False``).
+
+        The CTEs all see the snapshot from before the statement, so the probes exclude the
+        rows this statement completes and count the rows it defers (``pending_active``)."""
         sid = commit.session_id
         rows = await conn.execute(
-            text(
-                """
-                WITH graph AS (
-                    INSERT INTO lash_nodes (session_id, node_id, ordinal, node)
-                    SELECT :s, n.id, :base + n.ord, CAST(n.body AS jsonb)
-                    FROM unnest(CAST(:node_ids AS text[]), CAST(:bodies AS text[]))
-                        WITH ORDINALITY AS n(id, body, ord)
-                    ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,
-                        ordinal = EXCLUDED.ordinal
-                    RETURNING 1),
-                done AS (
-                    UPDATE lash_pending_inputs SET state = 'completed', terminal_at_ms = :now,
-                        claim_id = NULL, claim_owner_id = NULL,
-                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
-                        claim_token = NULL, claim_session_lease_generation = 0
-                    WHERE session_id = :s AND input_id = ANY(:ids) RETURNING 1),
-                cmds AS (
-                    UPDATE lash_session_commands SET state = 'completed', terminal_at_ms = :now,
-                        claim_id = NULL, claim_owner_id = NULL,
-                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
-                        claim_token = NULL, claim_session_lease_generation = 0
-                    WHERE session_id = :s AND batch_id = ANY(:bids) RETURNING 1),
-                deferred AS (
-                    UPDATE lash_pending_inputs SET state = 'deferred_next_turn',
-                        ingress = '{"scope":"next_turn"}'::jsonb,
-                        claim_id = NULL, claim_owner_id = NULL,
-                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
-                        claim_token = NULL, claim_session_lease_generation = 0
-                    WHERE session_id = :s AND state = 'pending_active'
-                      AND CAST(:turn AS text) IS NOT NULL AND ingress->>'turn_id' = :turn
-                      AND NOT (input_id = ANY(:ids))
-                    RETURNING input_id, enqueue_seq)
-                SELECT input_id FROM deferred ORDER BY enqueue_seq
-                """
-            ),
+            _COMPLETE_AND_DEFER,
             {
                 "s": sid,
                 "now": now,
@@ -1372,9 +1534,11 @@ class PostgresStore(Store):
                 "base": revision << 20,
                 "node_ids": [n.node_id for n in nodes],
                 "bodies": [dumps(n.model_dump(mode="json")) for n in nodes],
+                "probe": commit.release_lease_if_idle,
             },
         )
-        return [r.input_id for r in rows]
+        row = rows.one()
+        return list(row.deferred), bool(row.open_input), bool(row.command_pending)
 
     # ------------------------------------------------------------------ reading
 
