@@ -25,8 +25,10 @@ from lash_core.inputs import (
     claim_diagnostics,
     claim_is_live,
     claimable_by_generation,
+    has_open_input,
     initial_state,
     merge_inputs,
+    requested_turn_id,
     same_content,
     select_active_claim,
     select_next_turn_claim,
@@ -138,6 +140,33 @@ def test_select_next_turn_claim_orders_skips_and_caps() -> None:
     ]
     chosen = select_next_turn_claim(rows, generation=7, max_inputs=2)
     assert [r.enqueue_seq for r in chosen] == [3, 5]
+
+
+def test_select_next_turn_claim_stops_before_a_pending_command() -> None:
+    rows = [_row(1), _row(3), _row(4), _row(6)]
+    assert [r.enqueue_seq for r in select_next_turn_claim(rows, generation=1, max_inputs=9)] == [
+        1,
+        3,
+        4,
+        6,
+    ]
+    before = select_next_turn_claim(rows, generation=1, max_inputs=9, before_seq=4)
+    assert [r.enqueue_seq for r in before] == [1, 3]
+    assert select_next_turn_claim(rows, generation=1, max_inputs=9, before_seq=1) == []
+    capped = select_next_turn_claim(rows, generation=1, max_inputs=1, before_seq=5)
+    assert [r.enqueue_seq for r in capped] == [1]
+
+
+def test_open_input_and_requested_turn_id() -> None:
+    assert not has_open_input([_row(1, InputState.COMPLETED), _row(2, InputState.CANCELLED)])
+    for state in (InputState.DEFERRED_NEXT_TURN, InputState.PENDING_ACTIVE, InputState.ACCEPTED):
+        assert has_open_input([_row(1, InputState.COMPLETED), _row(2, state)])
+    assert requested_turn_id([]) is None
+    assert requested_turn_id([_row(1)]) is None
+    traced = _row(2).model_copy(
+        update={"input": TurnInput(items=[TextItem(text="b")], trace_turn_id="trace-b")}
+    )
+    assert requested_turn_id([_row(1), traced]) == "trace-b"
 
 
 def test_select_active_claim_filters_turn_state_and_boundary() -> None:
