@@ -280,7 +280,8 @@ class Store(abc.ABC):
     async def claim_next_turn_inputs(
         self, fence: LeaseFence, owner: LeaseOwner, max_inputs: int = MAX_CLAIM_INPUTS
     ) -> TurnInputClaim | None:
-        """Idle claim of ``deferred_next_turn`` rows (§1.8). No event, no running turn."""
+        """Idle claim of ``deferred_next_turn`` rows (§1.8), stopping before the earliest
+        pending command like :meth:`start_turn`. No event, no running turn."""
 
     @abc.abstractmethod
     async def claim_active_turn_inputs(

@@ -5,6 +5,9 @@ database clock (``transaction_timestamp()`` in milliseconds), lets the pure func
 :mod:`lash_core.leases` / :mod:`lash_core.inputs` decide, and writes the result in the same
 transaction. All guarded writes of a session therefore serialise on its lease row; first
 claims of a missing row serialise on a transaction-scoped advisory lock of the session id.
+Admissions pass a gate on the same row (shared) before drawing their ``enqueue_seq`` (see
+``_ADMISSION_GATE``), which is what makes next-turn claims stop exactly at the earliest
+pending command and lets a final commit release an idle session's lease by itself.
 """
 
 from __future__ import annotations
@@ -768,7 +771,8 @@ class PostgresStore(Store):
     ) -> LeaseClaimResult:
         async with self._tx() as conn:
             # The advisory lock makes the first claim of a missing row safe: the loser
-            # waits, then reads the winner's committed row in its next statement.
+            # waits, then reads the winner's committed row in its next statement. (While
+            # the row is missing, admissions take the shared side of this lock.)
             await conn.execute(_ADVISORY_LOCK, {"s": session_id})
             now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
             if observed is None or dead is None:
