@@ -602,6 +602,10 @@ class InMemoryStore(Store):
             else None
         )
         if require_inputs and claim is None:
+            # No turn starts, but input a dead generation left behind is still settled now:
+            # otherwise the recovery sweep would keep waking a session with nothing to run.
+            if resolved:
+                self._swap(s)
             return None
         assert s.lease is not None
         turn_id = (

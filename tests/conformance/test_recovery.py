@@ -80,27 +80,46 @@ async def test_start_turn_keeps_its_own_generations_accepted_input(store: Store)
     assert again.event.type == "turn.started"
 
 
-async def test_start_turn_with_nothing_to_claim_rolls_back_orphan_resolution(
-    harness: Harness,
-) -> None:
+async def test_start_turn_with_nothing_to_claim_still_settles_orphans(harness: Harness) -> None:
+    """No turn starts (no event, no running turn), but the dead generation's input is
+    settled at once, so the recovery sweep does not keep waking an idle session."""
     store = harness.store
     dead = await lease_for(store, "s", "dead", ttl=harness.short_ttl_ms)
     await store.start_turn(dead.fence(), "t1", require_inputs=False)
-    await store.enqueue_input(draft("s", "steer", ingress=active("t1")))
+    steer = await store.enqueue_input(draft("s", "steer", ingress=active("t1")))
     claim = await store.claim_active_turn_inputs(dead.fence(), dead.owner, "t1", "after_work")
     assert claim is not None
     await harness.expire(dead)
     successor = await lease_for(store, "s", "next")
     last_seq = (await store.events_after("s", 0)).last_seq
-    # Resolution alone would make the input claimable, but with claiming disabled and
-    # require_inputs the whole call writes nothing.
     assert await store.start_turn(successor.fence(), "t2", claim_next_turn_inputs=False) is None
-    [row] = await store.list_inputs("s")
-    assert row.state is InputState.ACCEPTED
+    row = await store.get_input("s", steer.record.input_id)
+    assert row is not None and row.state is InputState.DEFERRED_NEXT_TURN and row.claim is None
     assert (await store.events_after("s", 0)).last_seq == last_seq
+    lease_row = await store.read_lease("s")
+    assert lease_row is not None and lease_row.running_turn_id is None
     turn = await store.start_turn(successor.fence(), "t2")
     assert turn is not None and turn.claim is not None
-    assert [i.input_id for i in turn.claim.inputs] == [row.input_id]
+    assert [i.input_id for i in turn.claim.inputs] == [steer.record.input_id]
+
+
+async def test_committed_orphan_is_completed_even_when_no_turn_starts(harness: Harness) -> None:
+    store = harness.store
+    dead = await lease_for(store, "s", "dead", ttl=harness.short_ttl_ms)
+    await store.start_turn(dead.fence(), "t1", require_inputs=False)
+    steer = await store.enqueue_input(draft("s", "steer", ingress=active("t1")))
+    claim = await store.claim_active_turn_inputs(dead.fence(), dead.owner, "t1", "after_work")
+    assert claim is not None
+    done = node(ingress_message_id(steer.record.input_id), "steer")
+    await store.commit(commit("s", dead, graph=append(done)))
+    await harness.expire(dead)
+    assert await store.sessions_with_orphaned_work() == ["s"]
+    successor = await lease_for(store, "s", "next")
+    assert await store.start_turn(successor.fence(), "t2") is None
+    row = await store.get_input("s", steer.record.input_id)
+    assert row is not None and row.state is InputState.COMPLETED
+    await store.release_lease(successor.fence())
+    assert await store.sessions_with_orphaned_work() == []
 
 
 async def test_abandoned_active_claim_returns_to_pending_active(store: Store) -> None:

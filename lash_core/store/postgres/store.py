@@ -936,6 +936,9 @@ class PostgresStore(Store):
                 fence, fence.owner, now, list(candidates.values()), max_inputs, first_command
             )
         if require_inputs and claim is None:
+            # No turn starts, but input a dead generation left behind is still settled now:
+            # otherwise the recovery sweep would keep waking a session with nothing to run.
+            await self._write_inputs(conn, sid, resolved, now)
             return None, first_command is not None
         claimed = claim.inputs if claim else []
         turn_id = turn_id or rules.requested_turn_id(claimed) or self._ids.new_id("turn_")
