@@ -432,18 +432,22 @@ def inspect(
 def vacuum(
     older_than_s: Annotated[
         int | None,
-        typer.Option(help="Age to remove (default: the longer of the two retentions)."),
+        typer.Option(
+            help="Age to remove, for tombstones and events alike (default: each kind's "
+            "own retention, LASH_TOMBSTONE_RETENTION_S and LASH_EVENT_RETENTION_S)."
+        ),
     ] = None,
     session_id: Annotated[str | None, typer.Option(help="Only this session.")] = None,
 ) -> None:
     """Delete terminal input/command tombstones and published events past retention."""
     settings = _settings()
-    age_s = older_than_s
-    if age_s is None:
-        age_s = max(settings.event_retention_s, settings.tombstone_retention_s)
+    tombstone_s = settings.tombstone_retention_s if older_than_s is None else older_than_s
+    event_s = settings.event_retention_s if older_than_s is None else older_than_s
 
     async def use(store: Any) -> Any:
-        return await store.vacuum(age_s * 1000, session_id)
+        return await store.vacuum(
+            tombstone_s * 1000, session_id, events_older_than_ms=event_s * 1000
+        )
 
     report = _run(lambda: _with_store(settings, use))
     _echo_json(report.model_dump(mode="json"))

@@ -196,13 +196,13 @@ class Worker:
     async def _vacuum_loop(self) -> None:
         assert self.store is not None
         s = self.settings
-        # One age for both kinds (Store.vacuum takes one): the longer retention, so
-        # nothing is ever removed before its own retention has passed.
-        age_ms = max(s.event_retention_s, s.tombstone_retention_s) * 1000
         while True:
             await asyncio.sleep(s.vacuum_interval_s)
             try:
-                report = await self.store.vacuum(age_ms)
+                report = await self.store.vacuum(
+                    s.tombstone_retention_s * 1000,
+                    events_older_than_ms=s.event_retention_s * 1000,
+                )
                 log.info("vacuum", **report.model_dump())
             except asyncio.CancelledError:
                 raise

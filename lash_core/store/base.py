@@ -368,9 +368,16 @@ class Store(abc.ABC):
         """Delete everything of the session, including its lease row, under its lease."""
 
     @abc.abstractmethod
-    async def vacuum(self, older_than_ms: int, session_id: str | None = None) -> VacuumReport:
-        """Delete terminal input/command tombstones and published events older than
-        ``older_than_ms`` (age by the store clock). Non-terminal rows are never removed."""
+    async def vacuum(
+        self,
+        older_than_ms: int,
+        session_id: str | None = None,
+        *,
+        events_older_than_ms: int | None = None,
+    ) -> VacuumReport:
+        """Delete terminal input/command tombstones older than ``older_than_ms`` and
+        published events older than ``events_older_than_ms`` (default: the same age), ages
+        by the store clock. Non-terminal rows and unpublished events are never removed."""
 
     @abc.abstractmethod
     async def sessions_with_orphaned_work(self, limit: int = 100) -> list[str]:

@@ -1092,9 +1092,18 @@ class InMemoryStore(Store):
                 self._input_sessions.pop(input_id, None)
             self._sessions.pop(s.session_id, None)
 
-    async def vacuum(self, older_than_ms: int, session_id: str | None = None) -> VacuumReport:
+    async def vacuum(
+        self,
+        older_than_ms: int,
+        session_id: str | None = None,
+        *,
+        events_older_than_ms: int | None = None,
+    ) -> VacuumReport:
         async with self._lock:
             cutoff = self._now() - older_than_ms
+            event_cutoff = self._now() - (
+                older_than_ms if events_older_than_ms is None else events_older_than_ms
+            )
             targets = [session_id] if session_id is not None else list(self._sessions)
             inputs_removed = commands_removed = events_removed = 0
             for sid in targets:
@@ -1119,7 +1128,7 @@ class InMemoryStore(Store):
                         s.terminal_at_ms.pop(command.batch_id, None)
                         commands_removed += 1
                 for seq in sorted(s.published):
-                    if s.events[seq].created_at_ms <= cutoff:
+                    if s.events[seq].created_at_ms <= event_cutoff:
                         del s.events[seq]
                         s.published.discard(seq)
                         events_removed += 1

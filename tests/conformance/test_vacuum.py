@@ -2,7 +2,8 @@
 
 Differs from lash: retention is a setting (DESIGN.md difference 8): ``vacuum(older_than_ms)``
 removes only tombstones whose terminal time is at least that old by the store clock, and
-also prunes *published* events of the same age (never unpublished ones).
+prunes *published* events older than ``events_older_than_ms`` (default: the same age; never
+unpublished ones), so tombstone and event retention are separate settings.
 """
 
 from __future__ import annotations
@@ -115,3 +116,20 @@ async def test_VAC_07_events_after_reports_a_gap_after_vacuum(store: Store) -> N
     assert not page.gap and [e.seq for e in page.events] == [4] and page.last_seq == 4
     view = await store.read_session("s", after_seq=0)
     assert view.events is not None and view.events.gap and view.last_seq == 4
+
+
+async def test_VAC_tombstones_and_events_have_separate_retentions(store: Store) -> None:
+    a = await store.enqueue_input(draft("s", "a"))
+    await store.cancel_inputs("s", [InputIdTarget(value=a.record.input_id)])
+    await store.mark_published(await store.unpublished_events())
+    # Events kept for an hour, tombstones not: only the tombstone goes.
+    report = await store.vacuum(0, events_older_than_ms=3_600_000)
+    assert (report.removed_input_tombstones, report.removed_events) == (1, 0)
+    assert [e.seq for e in (await store.events_after("s", 0)).events] == [1, 2]
+    # And the other way round.
+    b = await store.enqueue_input(draft("s", "b"))
+    await store.cancel_inputs("s", [InputIdTarget(value=b.record.input_id)])
+    await store.mark_published(await store.unpublished_events())
+    report = await store.vacuum(3_600_000, events_older_than_ms=0)
+    assert (report.removed_input_tombstones, report.removed_events) == (0, 4)
+    assert await store.get_input("s", b.record.input_id) is not None

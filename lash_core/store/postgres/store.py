@@ -1681,14 +1681,21 @@ class PostgresStore(Store):
                 {"s": fence.session_id},
             )
 
-    async def vacuum(self, older_than_ms: int, session_id: str | None = None) -> VacuumReport:
+    async def vacuum(
+        self,
+        older_than_ms: int,
+        session_id: str | None = None,
+        *,
+        events_older_than_ms: int | None = None,
+    ) -> VacuumReport:
         scope = "" if session_id is None else " AND session_id = :s"
         async with self._tx() as conn:
             row = (
                 await conn.execute(
                     text(
                         f"""
-                        WITH cutoff AS (SELECT {NOW_SQL} - :age AS at),
+                        WITH cutoff AS (SELECT {NOW_SQL} - :age AS at,
+                                               {NOW_SQL} - :event_age AS events_at),
                         i AS (DELETE FROM lash_pending_inputs
                               WHERE state IN ('cancelled', 'completed')
                                 AND terminal_at_ms <= (SELECT at FROM cutoff){scope}
@@ -1698,13 +1705,20 @@ class PostgresStore(Store):
                                 AND terminal_at_ms <= (SELECT at FROM cutoff){scope}
                               RETURNING 1),
                         e AS (DELETE FROM lash_events
-                              WHERE published AND created_at_ms <= (SELECT at FROM cutoff){scope}
+                              WHERE published
+                                AND created_at_ms <= (SELECT events_at FROM cutoff){scope}
                               RETURNING 1)
                         SELECT (SELECT count(*) FROM i) AS i, (SELECT count(*) FROM c) AS c,
                                (SELECT count(*) FROM e) AS e
                         """
                     ),
-                    {"age": older_than_ms, "s": session_id},
+                    {
+                        "age": older_than_ms,
+                        "event_age": (
+                            older_than_ms if events_older_than_ms is None else events_older_than_ms
+                        ),
+                        "s": session_id,
+                    },
                 )
             ).one()
         return VacuumReport(
