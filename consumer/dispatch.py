@@ -7,8 +7,9 @@ work has no live lease (a crashed worker's sessions, or a lost notification). Po
 only that fallback.
 
 A session has at most one drain task in this process. A kick while it drains marks it to
-be drained again, so input admitted between the drain's last claim and its release is
-never left behind (the driver also re-checks after releasing). At most
+be drained again. Input admitted while a drain runs is never left behind: the final commit
+releases the lease only when nothing is left, and admission waits for that commit's lease
+row lock (see ``Store.commit``), so a later admission sees the lease free and kicks a drain. At most
 ``LASH_CONCURRENCY`` sessions drain at once. A session whose lease another live worker
 holds is left to that worker, never retried in a loop.
 """
