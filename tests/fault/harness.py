@@ -31,6 +31,7 @@ from tests.fault.faults import (
     stall_table,
     terminate_db_backends,
 )
+from tests.fault.resilient import resilient, retrying
 from tests.fault.workers import Fleet, WorkerConfig, WorkerDied, WorkerProcess
 
 __all__ = [
@@ -228,9 +229,9 @@ async def harness(
     bus = Bus(amqp_url, namespace)
     store: Store = PostgresStore(database_url, pool_size=2, max_overflow=2)
     try:
-        await store.start()
+        await retrying(store.start, 60)
         await bus.start()
-        yield Harness(config=config, fleet=fleet, bus=bus, store=store)
+        yield Harness(config=config, fleet=fleet, bus=bus, store=resilient(store))
     finally:
         fleet.close()
         with suppress(Exception):
