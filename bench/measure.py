@@ -23,7 +23,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from bench import profiling
+from bench import profiling, statements
 from bench.amqp_io import Observer, publish_workload, queue_state
 from bench.options import BenchOptions
 from bench.procs import Fleet
@@ -56,6 +56,8 @@ class RunSpec:
     # Profile the first process: "py-spy" or "pyinstrument"; output under profile_dir.
     profiler: str | None = None
     profile_path: Path | None = None
+    # Count the SQL statements of the run from the server log (bench/statements.py).
+    log_statements: bool = False
 
 
 class RunFailed(RuntimeError):
@@ -185,6 +187,13 @@ async def _measure_in(
     label: str,
 ) -> dict[str, Any]:
     await target.prepare(database_url, namespace, connection)
+    server_log: Path | None = None
+    if spec.log_statements:
+        server_log = await statements.server_log_path(opts.database_url)
+        if server_log is None:
+            raise RunFailed("--statements needs a readable PostgreSQL server log")
+        await statements.enable_statement_log(opts.database_url, dbname)
+    log_window = (0, 0)
     fleet = Fleet()
     tracker = CommitTracker()
     observer = Observer(
@@ -219,6 +228,8 @@ async def _measure_in(
             await spy.start()
         xact_before = await xact_commit(opts.database_url, dbname)
         window_start = time.perf_counter()
+        if server_log is not None:
+            log_window = (statements.log_size(server_log), 0)
         for member in fleet.members:
             member.mark_cpu()
         background.append(asyncio.create_task(_sample_memory(fleet)))
@@ -239,6 +250,8 @@ async def _measure_in(
         )
         publish_s = time.perf_counter() - (tracker.first_publish or time.perf_counter())
         await tracker.wait_all(opts.stall_timeout_s)
+        if server_log is not None:
+            log_window = (log_window[0], statements.log_size(server_log))
         fleet.sample_memory()
         for member in fleet.members:
             member.read_cpu()
@@ -272,6 +285,10 @@ async def _measure_in(
 
     committed = len(tracker.committed_at)
     turns = len(tracker.turns)
+    statement_counts = None
+    if server_log is not None:
+        counts = statements.count_statements(server_log, *log_window, dbname)
+        statement_counts = statements.statements_report(counts, turns)
     first = tracker.first_publish or 0.0
     last = tracker.last_commit or first
     duration = max(last - first, 0.0)
@@ -338,4 +355,5 @@ async def _measure_in(
         "unmatched_commits": tracker.unmatched,
         "observer_undecodable": observer.undecodable,
         "profile": str(spec.profile_path) if spec.profile_path is not None else None,
+        "statements": statement_counts,
     }

@@ -36,6 +36,7 @@ class BenchOptions:
     scale_inputs_per_session: int = 1
     baseline: bool = True
     profile: str | None = None
+    statements: bool = False
     database_url: str = field(
         default_factory=lambda: os.environ.get("LASH_DATABASE_URL", DEFAULT_DATABASE_URL)
     )
@@ -119,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=[*PROFILERS, "auto"],
         help="also profile one worker (W=1) with py-spy or pyinstrument",
     )
+    add(
+        "--statements",
+        action="store_true",
+        help="also count a run's SQL statements from the (local) PostgreSQL server log",
+    )
     add("--database-url", help="PostgreSQL server (a fresh database is created on it)")
     add("--amqp-url", help="RabbitMQ broker (a fresh namespace is used on it)")
     add("--namespace-prefix", help="prefix of the fresh LASH_NAMESPACE (default lashbench)")
@@ -172,6 +178,7 @@ def parse_options(argv: list[str] | None = None) -> BenchOptions:
     if args.profile is not None:
         opts.profile = args.profile
     opts.baseline = not args.no_baseline
+    opts.statements = args.statements
     opts.progress = not args.no_progress
     opts.keep_logs = args.keep_logs
     opts.worker_env = dict(args.worker_env)

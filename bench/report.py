@@ -128,6 +128,14 @@ def render_table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def render_statements(report: dict[str, Any], top: int = 12) -> str:
+    """The most frequent SQL statements of a ``--statements`` run, per turn."""
+    lines = [f"{_fmt(report.get('per_turn'), 1):>8}  all statements ({report.get('total')})"]
+    for row in report.get("top", [])[:top]:
+        lines.append(f"{_fmt(row['per_turn'], 2):>8}  {row['statement'][:100]}")
+    return "\n".join(lines)
+
+
 def write_json(path: Path, results: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")

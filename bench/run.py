@@ -11,6 +11,9 @@ Modes:
   seconds (at most S x K inputs).
 - ``scale``: the pipeline with many sessions touched (``--scale-sessions``) to show how
   throughput, latency and worker memory behave with many sessions.
+- ``--statements``: one more pipeline run like the latency run (at the latency rate
+  when known, else unlimited) counting its SQL statements from the server log
+  (:mod:`bench.statements`); the top statements per turn are printed after the table.
 - ``--profile``: one more pipeline run at W=1 with the worker under py-spy (or
   pyinstrument); the report lands in ``bench/results/``.
 """
@@ -31,7 +34,7 @@ from typing import Any
 from bench import profiling
 from bench.measure import RunFailed, RunSpec, measure
 from bench.options import BenchOptions, parse_options
-from bench.report import attach_baseline_ratios, render_table, write_json
+from bench.report import attach_baseline_ratios, render_statements, render_table, write_json
 from bench.targets import BaselineTarget, PipelineTarget, Target
 
 
@@ -88,6 +91,7 @@ async def run_bench(opts: BenchOptions, stamp: str | None = None) -> dict[str, A
         return RunSpec(mode, workers, sessions, k, opts.concurrency, rate)
 
     s, k = opts.sessions, opts.inputs_per_session
+    latency_rate: float | None = None
     if "throughput" in opts.modes:
         for w in opts.workers:
             if opts.baseline:
@@ -106,6 +110,7 @@ async def run_bench(opts: BenchOptions, stamp: str | None = None) -> dict[str, A
         if rate is None:
             print("[bench] latency mode skipped: no throughput measured", file=sys.stderr)
         else:
+            latency_rate = rate
             ls, lk = latency_shape(s, k, rate, opts.latency_duration_s)
             if opts.baseline:
                 runs.append(await _attempt(baseline, spec("latency", w, ls, lk, rate), opts))
@@ -115,6 +120,18 @@ async def run_bench(opts: BenchOptions, stamp: str | None = None) -> dict[str, A
         for sessions in opts.scale_sessions:
             scale_spec = spec("scale", opts.latency_w, sessions, opts.scale_inputs_per_session)
             runs.append(await _attempt(pipeline, scale_spec, opts))
+
+    if opts.statements:
+        w = opts.latency_w
+        rate = latency_rate or opts.rate
+        if rate is None:
+            measured = _max_turn_rate(runs, w)
+            rate = None if measured is None else max(round(measured / 2, 1), 1.0)
+        ss, sk = (s, k) if rate is None else latency_shape(s, k, rate, opts.latency_duration_s)
+        statements_spec = RunSpec(
+            "statements", w, ss, sk, opts.concurrency, rate, log_statements=True
+        )
+        runs.append(await _attempt(pipeline, statements_spec, opts))
 
     profile_info: dict[str, Any] | None = None
     if opts.profile is not None:
@@ -194,6 +211,10 @@ def main(argv: list[str] | None = None) -> int:
     path = opts.json_path or opts.results_dir / f"{results['started_at']}.json"
     write_json(Path(path), results)
     print(render_table(results["runs"]))
+    for run in results["runs"]:
+        if run.get("statements"):
+            print(f"\nSQL statements per turn, {run['mode']} W={run['workers']}:")
+            print(render_statements(run["statements"]))
     if results["profile"]:
         print(f"\nprofile: {results['profile']['report']}")
     print(f"\nresults: {path}", file=sys.stderr)

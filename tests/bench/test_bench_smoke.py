@@ -19,6 +19,7 @@ from bench.options import BenchOptions, parse_options
 from bench.profiling import summarize_collapsed
 from bench.report import attach_baseline_ratios, render_table, write_json
 from bench.run import latency_shape, run_bench
+from bench.statements import count_statements, statements_report
 from bench.stats import latency_summary, percentile
 from bench.targets import BaselineTarget
 from bench.tracker import CommitTracker
@@ -145,6 +146,23 @@ def test_profile_summary_groups_by_library() -> None:
     text = summarize_collapsed(collapsed)
     assert "4 samples" in text
     assert "75.0%  sqlalchemy" in text
+
+
+def test_statement_counting_from_a_server_log(tmp_path: Path) -> None:
+    log = tmp_path / "postgresql.log"
+    log.write_text(
+        "2026-11-21 21:00:00.000 UTC [1] postgres@other LOG:  statement: BEGIN\n"
+        "2026-11-21 21:00:00.001 UTC [2] postgres@lash_bench_x LOG:  statement: BEGIN\n"
+        "2026-11-21 21:00:00.002 UTC [2] postgres@lash_bench_x LOG:  execute _pg3_1: SELECT  1\n"
+        "2026-11-21 21:00:00.003 UTC [2] postgres@lash_bench_x DETAIL:  parameters: $1 = 'x'\n"
+        "2026-11-21 21:00:00.004 UTC [2] postgres@lash_bench_x LOG:  statement: COMMIT\n"
+        "2026-11-21 21:00:00.005 UTC [2] postgres@lash_bench_x LOG:  statement: BEGIN\n"
+    )
+    counts = count_statements(log, 0, log.stat().st_size, "lash_bench_x")
+    assert counts == {"BEGIN": 2, "SELECT 1": 1, "COMMIT": 1}
+    report = statements_report(counts, turns=2)
+    assert report["total"] == 4 and report["per_turn"] == 2.0
+    assert report["top"][0] == {"statement": "BEGIN", "count": 2, "per_turn": 1.0}
 
 
 def test_latency_shape_spreads_inputs_over_sessions() -> None:
