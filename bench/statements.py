@@ -64,13 +64,20 @@ def count_statements(path: Path, start: int, end: int, dbname: str) -> Counter[s
         text = log.read(max(end - start, 0)).decode(errors="replace")
     marker = f"@{dbname} "
     counts: Counter[str] = Counter()
-    for line in text.splitlines():
+    lines = text.splitlines()
+    for index, line in enumerate(lines):
         if marker not in line:
             continue
         match = _STATEMENT.search(line)
         if match is None:
             continue
-        statement = _SPACES.sub(" ", match.group(1)).strip() or "(empty)"
+        statement = match.group(1)
+        # A statement that starts with a newline continues on tab-indented lines.
+        follow = index + 1
+        while not statement.strip() and follow < len(lines) and lines[follow][:1] in "\t ":
+            statement = lines[follow]
+            follow += 1
+        statement = _SPACES.sub(" ", statement).strip() or "(empty)"
         counts[statement[:120]] += 1
     return counts
 

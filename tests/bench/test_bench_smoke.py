@@ -157,11 +157,14 @@ def test_statement_counting_from_a_server_log(tmp_path: Path) -> None:
         "2026-11-21 21:00:00.003 UTC [2] postgres@lash_bench_x DETAIL:  parameters: $1 = 'x'\n"
         "2026-11-21 21:00:00.004 UTC [2] postgres@lash_bench_x LOG:  statement: COMMIT\n"
         "2026-11-21 21:00:00.005 UTC [2] postgres@lash_bench_x LOG:  statement: BEGIN\n"
+        "2026-11-21 21:00:00.006 UTC [2] postgres@lash_bench_x LOG:  execute <unnamed>: \n"
+        "\t    UPDATE lash_leases\n"
+        "\t    SET x = 1\n"
     )
     counts = count_statements(log, 0, log.stat().st_size, "lash_bench_x")
-    assert counts == {"BEGIN": 2, "SELECT 1": 1, "COMMIT": 1}
+    assert counts == {"BEGIN": 2, "SELECT 1": 1, "COMMIT": 1, "UPDATE lash_leases": 1}
     report = statements_report(counts, turns=2)
-    assert report["total"] == 4 and report["per_turn"] == 2.0
+    assert report["total"] == 5 and report["per_turn"] == 2.5
     assert report["top"][0] == {"statement": "BEGIN", "count": 2, "per_turn": 1.0}
 
 
