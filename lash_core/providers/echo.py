@@ -23,6 +23,8 @@ Behaviour of one model call (one :meth:`EchoProvider.stream`):
   :class:`TextChunk` events whose concatenation is the reply. With ``delay_ms > 0`` the
   chunks are spread evenly over that time (the call takes about ``delay_ms``); with 0 there
   is no sleeping at all. Cancelling the consuming task interrupts the wait at once.
+  ``max_chunks`` defaults to 8 with a delay and to 1 without: chunks that all arrive at
+  once stream nothing to an observer, and each one costs a live ``turn.activity`` message.
 * **Usage**: whitespace-separated words count as tokens - every prompt message's text for
   ``input_tokens``, the reply (or the emitted tool calls) for ``output_tokens``.
 """
@@ -50,6 +52,8 @@ from lash_core.transcript import ToolCall
 ECHO_PREFIX = "echo: "
 TOOL_LINE = re.compile(r"^\s*/tool\s+(?P<name>[A-Za-z0-9_\-]+)(?:\s+(?P<args>.*?))?\s*$")
 _PIECE = re.compile(r"\s*\S+\s*|\s+")
+DEFAULT_CHUNKS = 8
+"""Chunks per reply when the reply is paced over a delay."""
 
 
 def _count_words(text: str) -> int:
@@ -99,13 +103,17 @@ def split_chunks(text: str, max_chunks: int) -> list[str]:
 class EchoProvider:
     """Replies with the user's own text; see the module docstring for the exact rules."""
 
-    def __init__(self, delay_ms: int = 0, model: str = "echo", *, max_chunks: int = 8) -> None:
+    def __init__(
+        self, delay_ms: int = 0, model: str = "echo", *, max_chunks: int | None = None
+    ) -> None:
         if delay_ms < 0:
             raise ValueError("delay_ms must not be negative")
-        if max_chunks < 1:
+        if max_chunks is not None and max_chunks < 1:
             raise ValueError("max_chunks must be at least 1")
         self._delay_s = delay_ms / 1000.0
         self._model = model
+        if max_chunks is None:
+            max_chunks = DEFAULT_CHUNKS if delay_ms > 0 else 1
         self._max_chunks = max_chunks
 
     @property

@@ -69,6 +69,10 @@ class ToolRegistry:
 
     def __init__(self, tools: Iterable[RegisteredTool] = ()) -> None:
         self._tools: dict[str, RegisteredTool] = {}
+        # Built on first use and dropped on every registration: generating the JSON
+        # Schemas is pydantic work that would otherwise repeat on every model call.
+        self._specs: tuple[ToolSpec, ...] | None = None
+        self._hash: str | None = None
         for tool in tools:
             self._add(tool)
 
@@ -142,6 +146,8 @@ class ToolRegistry:
         if tool.name in self._tools:
             raise InvalidRequest(f"tool {tool.name!r} is already registered")
         self._tools[tool.name] = tool
+        self._specs = None
+        self._hash = None
 
     # -- catalog ------------------------------------------------------------------------
 
@@ -159,18 +165,24 @@ class ToolRegistry:
         return self._tools.get(name)
 
     def specs(self) -> list[ToolSpec]:
-        """The tools as offered to a model, in registration order."""
-        return [tool.spec() for tool in self._tools.values()]
+        """The tools as offered to a model, in registration order (cached until the next
+        registration; the specs are frozen models shared between calls)."""
+        if self._specs is None:
+            self._specs = tuple(tool.spec() for tool in self._tools.values())
+        return list(self._specs)
 
     def catalog_hash(self) -> str:
         """A stable fingerprint of the catalog: SHA-256 of the canonical JSON of the specs.
 
         Independent of registration order and of dict key order, so two workers with the
         same tools agree, and any change of a name, description or schema changes it.
+        Cached with the specs.
         """
-        specs = sorted((spec.model_dump(mode="json") for spec in self.specs()), key=_by_name)
-        canonical = json.dumps(specs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        if self._hash is None:
+            specs = sorted((s.model_dump(mode="json") for s in self.specs()), key=_by_name)
+            canonical = json.dumps(specs, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+            self._hash = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+        return self._hash
 
     # -- execution ----------------------------------------------------------------------
 

@@ -74,12 +74,21 @@ async def test_usage_counts_words() -> None:
 async def test_reply_is_streamed_in_several_chunks_without_delay() -> None:
     text = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
     started = time.monotonic()
-    events = await collect(EchoProvider(delay_ms=0), request(user(text)))
+    events = await collect(EchoProvider(delay_ms=0, max_chunks=8), request(user(text)))
     assert time.monotonic() - started < 0.5
     chunks = [e for e in events if isinstance(e, TextChunk)]
     assert len(chunks) > 1
     assert all(c.text for c in chunks)
     assert text_of(events) == "echo: " + text
+
+
+async def test_zero_delay_sends_one_chunk_by_default_and_a_delay_several() -> None:
+    text = "alpha beta gamma delta epsilon zeta eta theta iota kappa"
+    instant = await collect(EchoProvider(delay_ms=0), request(user(text)))
+    assert [e.text for e in instant if isinstance(e, TextChunk)] == ["echo: " + text]
+    paced = await collect(EchoProvider(delay_ms=20), request(user(text)))
+    assert len([e for e in paced if isinstance(e, TextChunk)]) == 8
+    assert text_of(paced) == "echo: " + text
 
 
 async def test_model_name_is_configurable() -> None:

@@ -89,6 +89,23 @@ def test_register_without_decorator() -> None:
     assert registry.specs()[0].description == "Uppercase"
 
 
+def test_specs_are_built_once_and_rebuilt_after_a_registration() -> None:
+    registry = make_registry()
+    first = registry.specs()
+    again = registry.specs()
+    assert first == again and all(a is b for a, b in zip(first, again, strict=True))
+    again.clear()  # callers get their own list
+    assert len(registry.specs()) == 4
+    digest = registry.catalog_hash()
+
+    async def late(args: Empty) -> str:
+        return "late"
+
+    registry.register(late, description="Registered after first use")
+    assert [s.name for s in registry.specs()] == ["repeat", "boom", "refuse", "structured", "late"]
+    assert registry.catalog_hash() != digest
+
+
 def test_catalog_hash_is_stable_and_sensitive() -> None:
     first = make_registry().catalog_hash()
     assert first == make_registry().catalog_hash()
