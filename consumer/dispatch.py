@@ -6,6 +6,14 @@ recovery sweep every ``LASH_SWEEP_INTERVAL_MS`` asks the store for sessions whos
 work has no live lease (a crashed worker's sessions, or a lost notification). Polling is
 only that fallback.
 
+Notifications are not handled one by one: every admission notifies every worker, and a
+check per notification per worker would make each input cost more the more workers there
+are. Instead the sessions they name are collected for ``notify_delay_s`` (which also gives
+the admitting worker time to take the lease) and checked with one query that keeps only
+those with work and no live lease; a session draining here is skipped (its drain picks
+the work up). So a worker's notification cost is bounded by one query per delay, however
+many notifications arrive.
+
 A session has at most one drain task in this process. A kick while it drains marks it to
 be drained again. Input admitted while a drain runs is never left behind: the final commit
 releases the lease only when nothing is left, and admission waits for that commit's lease
@@ -58,6 +66,7 @@ class Dispatcher:
         concurrency: int,
         sweep_interval_s: float,
         sweep_limit: int = 500,
+        notify_delay_s: float = 0.1,
         on_report: Callable[[DrainReport], None] | None = None,
     ) -> None:
         self._driver = driver
@@ -66,28 +75,25 @@ class Dispatcher:
         self._sweep_interval_s = sweep_interval_s
         self._sweep_limit = sweep_limit
         self._on_report = on_report
+        self._notify_delay_s = min(notify_delay_s, sweep_interval_s)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
-        self._certain: set[str] = set()
+        self._notified: set[str] = set()
         self._closing = False
-        self._sweep_now = asyncio.Event()
+        self._sweep_now = False
+        self._sweeper_wake = asyncio.Event()
+        self.sweeps = 0
+        self.checks = 0
         self._active = 0
         self.drains = 0
         self.turns = 0
 
     # ------------------------------------------------------------------ wake-ups
 
-    def kick(self, session_id: str, *, certain: bool = True) -> None:
-        """Drain ``session_id`` soon (or again, if it is draining now).
-
-        ``certain=False`` (a notification: every lease release also notifies) first checks
-        without a lease that the session has visible work, so releases never ping-pong
-        lease acquisitions around the fleet.
-        """
+    def kick(self, session_id: str) -> None:
+        """Drain ``session_id`` soon (or again, if it is draining now): it has work."""
         if self._closing:
             return
-        if certain:
-            self._certain.add(session_id)
         if session_id in self._tasks:
             self._again.add(session_id)
             return
@@ -96,7 +102,9 @@ class Dispatcher:
 
     def on_notification(self, note: Notification) -> None:
         if note.kind == "work":
-            self.kick(note.session_id, certain=False)
+            if note.session_id not in self._tasks and not self._closing:
+                self._notified.add(note.session_id)
+                self._sweeper_wake.set()
         elif note.kind == "cancel":
             self.cancel_local(note.session_id, note.turn_id, None)
 
@@ -106,7 +114,8 @@ class Dispatcher:
 
     def sweep_soon(self) -> None:
         """Run the recovery sweep now (e.g. after missing notifications)."""
-        self._sweep_now.set()
+        self._sweep_now = True
+        self._sweeper_wake.set()
 
     @property
     def draining_sessions(self) -> set[str]:
@@ -121,28 +130,12 @@ class Dispatcher:
                 async with self._slots:
                     if self._closing:
                         return
-                    certain = session_id in self._certain
-                    self._certain.discard(session_id)
-                    if certain or await self._has_visible_work(session_id):
-                        await self._drain_once(session_id)
+                    await self._drain_once(session_id)
                 if session_id not in self._again:
                     return
         finally:
             self._tasks.pop(session_id, None)
             self._again.discard(session_id)
-            self._certain.discard(session_id)
-
-    async def _has_visible_work(self, session_id: str) -> bool:
-        """Unclaimed pending input or a pending command, read without a lease."""
-        try:
-            if await self._store.list_pending_inputs(session_id):
-                return True
-            return bool(await self._store.list_commands(session_id, pending_only=True))
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("work_check_failed", session_id=session_id, error=str(exc))
-            return True
 
     async def _drain_once(self, session_id: str) -> None:
         self._active += 1
@@ -194,21 +187,47 @@ class Dispatcher:
     # ------------------------------------------------------------------ recovery sweep
 
     async def run_sweeper(self) -> None:
-        """Every sweep interval, kick sessions with pending work and no live lease."""
+        """Every sweep interval, kick sessions with pending work and no live lease; in
+        between, check the sessions that ``work`` notifications named (batched)."""
+        loop = asyncio.get_running_loop()
+        next_sweep = loop.time()
         while not self._closing:
-            try:
-                orphaned = await self._store.sessions_with_orphaned_work(self._sweep_limit)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("sweep_failed", error=f"{type(exc).__name__}: {exc}")
-                orphaned = []
-            for session_id in orphaned:
-                if session_id not in self._tasks:
-                    self.kick(session_id)
-            self._sweep_now.clear()
+            if self._sweep_now or loop.time() >= next_sweep:
+                self._sweep_now = False
+                self._notified.clear()  # the full sweep covers them
+                await self._sweep(None)
+                next_sweep = loop.time() + self._sweep_interval_s
+            elif self._notified:
+                # Let the burst gather (and the admitting worker take the lease) first.
+                await asyncio.sleep(self._notify_delay_s)
+                among, self._notified = self._notified, set()
+                among.difference_update(self._tasks)
+                if among:
+                    await self._sweep(among)
+            self._sweeper_wake.clear()
+            if self._closing or self._sweep_now or self._notified:
+                continue
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._sweep_now.wait(), self._sweep_interval_s)
+                async with asyncio.timeout(max(0.0, next_sweep - loop.time())):
+                    await self._sweeper_wake.wait()
+
+    async def _sweep(self, among: set[str] | None) -> None:
+        """Kick the sessions (of ``among``, or all) with pending work and no live lease."""
+        if among is None:
+            self.sweeps += 1
+        else:
+            self.checks += 1
+        try:
+            orphaned = await self._store.sessions_with_orphaned_work(self._sweep_limit, among=among)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Notified sessions are not retried here: the next full sweep covers them.
+            log.warning("sweep_failed", error=f"{type(exc).__name__}: {exc}")
+            return
+        for session_id in orphaned:
+            if session_id not in self._tasks:
+                self.kick(session_id)
 
     # ------------------------------------------------------------------ shutdown
 
@@ -216,7 +235,7 @@ class Dispatcher:
         """Stop taking work; let running drains finish within ``grace_s``; then cancel
         their turns (they commit as stopped/cancelled and release their leases)."""
         self._closing = True
-        self._sweep_now.set()
+        self._sweeper_wake.set()
         pending = set(self._tasks.values())
         if pending:
             log.info("dispatch_draining", sessions=len(pending), grace_s=grace_s)

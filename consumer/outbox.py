@@ -9,8 +9,15 @@ Sessions are split into ``LASH_OUTBOX_SHARDS`` shards. A relay publishes a shard
 it holds a PostgreSQL advisory lock for ``(namespace, shard)`` on a dedicated connection,
 so each session has exactly one publisher at a time (its order holds across the fleet) and
 a dead worker's shards (its connection gone, its locks released by PostgreSQL) are taken
-over by whoever tries next. Relays try to take every free shard each retake interval, so
-no shard waits longer than that for a publisher.
+over by whoever tries next.
+
+What it costs the database, since every worker runs a relay: trying to take free shards is
+one statement on a slow, jittered timer (``retake_interval_s``), which also proves the lock
+connection alive, so publishing needs no pings; a relay that releases its shards on a
+graceful stop says so with a notification, and the others retake at once. A relay scans
+only when there is a reason - a local commit or an ``events`` notification, or the
+``poll_interval_s`` fallback - and then with one statement covering every shard it holds; it
+marks each published batch in one statement. A relay that holds no shard never scans.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
 import zlib
 from collections import defaultdict
@@ -31,17 +39,29 @@ from consumer.observability.logs import get_logger
 from consumer.observability.metrics import OUTBOX_BACKLOG, OUTBOX_LAG, OUTBOX_PUBLISHED
 from consumer.observability.tracing import span
 from lash_core.events import DurableEvent, TurnActivity
-from lash_core.store.base import Store
+from lash_core.store.base import Notification, Store
+from lash_core.store.postgres import notify
 
 log = get_logger(__name__)
 
 JSON = "application/json"
+
+RELEASED_PREFIX = "~outbox-released:"
+"""``session_id`` of the ``events`` notification a relay sends when it gives its shards up."""
+
+JITTER = 0.25
+"""Retake timers vary by this fraction either way, so relays started together spread out."""
 
 
 def lock_keys(namespace: str, shard: int) -> tuple[int, int]:
     """The two int4 keys of ``pg_try_advisory_lock(int, int)`` for one outbox shard."""
     raw = zlib.crc32(f"lash-outbox:{namespace}".encode())
     return (raw - (1 << 32) if raw >= (1 << 31) else raw), shard
+
+
+def released_marker(namespace: str) -> str:
+    """The notification ``session_id`` announcing that a relay of ``namespace`` left."""
+    return RELEASED_PREFIX + namespace
 
 
 def event_message(event: DurableEvent) -> aio_pika.Message:
@@ -73,42 +93,51 @@ class ShardLocks:
             )
         return self._conn
 
-    async def alive(self) -> bool:
-        """Whether the locks are still held (the session is alive); drops them if not."""
-        if self._conn is None or not self.held:
-            return bool(self.held)
+    async def take(self, shards: Sequence[int]) -> list[int]:
+        """Try to lock every shard of ``shards`` not held yet, in one statement; returns
+        the newly taken ones.
+
+        The statement also proves the connection alive: if it fails, the locks may be gone
+        (PostgreSQL drops them with the session), so every shard is dropped here and the
+        error propagates.
+        """
+        conn = await self._connection()
+        free = [shard for shard in shards if shard not in self.held]
+        key, _ = lock_keys(self._namespace, 0)
         try:
-            await self._conn.execute("SELECT 1")
-            return True
+            cur = await conn.execute(
+                "SELECT s FROM unnest(%s::int[]) AS s WHERE pg_try_advisory_lock(%s::int, s)",
+                (free, key),
+            )
+            rows = await cur.fetchall()
         except psycopg.Error:
             log.warning("outbox_lock_connection_lost", shards=sorted(self.held))
-            await self.close()
-            return False
-
-    async def take(self, shards: Sequence[int], limit: int) -> list[int]:
-        """Try to lock free shards until ``limit`` are held; returns the newly taken ones."""
-        conn = await self._connection()
-        taken = []
-        for shard in shards:
-            if len(self.held) >= limit:
-                break
-            if shard in self.held:
-                continue
-            k1, k2 = lock_keys(self._namespace, shard)
-            cur = await conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (k1, k2))
-            row = await cur.fetchone()
-            if row is not None and row[0] is True:
-                self.held.add(shard)
-                taken.append(shard)
+            await self.close(announce=False)
+            raise
+        taken = sorted(int(row[0]) for row in rows)  # type: ignore[call-overload]
+        self.held.update(taken)
         return taken
 
-    async def close(self) -> None:
-        """Close the connection: PostgreSQL releases every lock it held."""
+    async def close(self, *, announce: bool = True) -> None:
+        """Give the shards up and close the connection.
+
+        With ``announce``, the locks are released and an ``events`` notification names
+        :func:`released_marker` in the same statement, so other relays retake at once
+        instead of on their timer.
+        """
+        had = bool(self.held)
         self.held.clear()
-        if self._conn is not None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        if announce and had and not conn.closed:
             with contextlib.suppress(Exception):
-                await self._conn.close()
-            self._conn = None
+                await conn.execute(
+                    "SELECT pg_advisory_unlock_all(), pg_notify(%s, %s)",
+                    (notify.CHANNEL, notify.payload("events", released_marker(self._namespace))),
+                )
+        with contextlib.suppress(Exception):
+            await conn.close()
 
 
 class OutboxRelay:
@@ -129,14 +158,19 @@ class OutboxRelay:
         self._store = store
         self._exchange = exchange
         self._locks = ShardLocks(database_url, namespace)
+        self._marker = released_marker(namespace)
         self._shards = shards
         self._batch = batch
         self._poll_s = poll_interval_s
         self._retake_s = retake_interval_s if retake_interval_s is not None else poll_interval_s
         self._wake = asyncio.Event()
         self._stopping = False
+        self._retake_now = True
         self._next_retake = 0.0
+        self._scan = True
         self.published = 0
+        self.scans = 0
+        self.retakes = 0
 
     @property
     def held_shards(self) -> set[int]:
@@ -144,7 +178,19 @@ class OutboxRelay:
 
     def wake(self) -> None:
         """New events may exist (a local commit or an ``events`` notification)."""
+        self._scan = True
         self._wake.set()
+
+    def on_notification(self, note: Notification) -> None:
+        """An ``events`` notification: scan, or retake now if a relay gave shards up."""
+        if note.session_id == self._marker:
+            if len(self._locks.held) < self._shards:
+                self._retake_now = True
+                self._wake.set()
+            return
+        if note.session_id.startswith(RELEASED_PREFIX):
+            return  # another namespace's relay
+        self.wake()
 
     async def run(self) -> None:
         """Publish until :meth:`stop`; errors are logged and retried after a pause."""
@@ -159,45 +205,51 @@ class OutboxRelay:
                 raise
             except Exception:
                 log.exception("outbox_pass_failed")
-                await self._locks.alive()
+                # Check the locks (and scan again) after the pause.
+                self._retake_now = True
+                self._scan = True
                 more = False
             if more:
                 continue
+            timeout = max(0.0, min(self._poll_s, self._next_retake - loop.time()))
             # Not asyncio.wait_for: on Python 3.11 it swallows a cancellation that arrives
             # as the event is set, and this loop would then outlive the worker's shutdown.
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._poll_s):
+                async with asyncio.timeout(timeout if not self._retake_now else self._poll_s):
                     await self._wake.wait()
+            if not self._wake.is_set():
+                self._scan = True  # the fallback poll
 
     async def _maybe_retake(self, now: float) -> None:
-        if now < self._next_retake and self._locks.held:
+        if not self._retake_now and now < self._next_retake:
             return
-        self._next_retake = now + self._retake_s
-        if len(self._locks.held) >= self._shards:
-            return
-        taken = await self._locks.take(range(self._shards), self._shards)
+        self._retake_now = False
+        self._next_retake = now + self._retake_s * random.uniform(1 - JITTER, 1 + JITTER)
+        self.retakes += 1
+        taken = await self._locks.take(range(self._shards))
         if taken:
             log.info("outbox_shards_taken", shards=taken, held=sorted(self._locks.held))
-            self._wake.set()
+            self._scan = True
 
     async def publish_once(self) -> bool:
-        """One pass over the held shards. True when a shard had a full batch (go again)."""
-        if not await self._locks.alive():
+        """One scan of every held shard. True when it found a full batch (go again)."""
+        if not self._scan or not self._locks.held:
             return False
-        full = False
-        backlog = 0
-        for shard in sorted(self._locks.held):
+        self._scan = False
+        self.scans += 1
+        try:
             events = await self._store.unpublished_events(
-                self._batch, shard=shard, shard_count=self._shards
+                self._batch, shards=frozenset(self._locks.held), shard_count=self._shards
             )
-            backlog += len(events)
-            if not events:
-                continue
-            if not await self._locks.alive():
-                return False
-            await self._publish(events)
-            full = full or len(events) >= self._batch
-        OUTBOX_BACKLOG.set(backlog)
+        except BaseException:
+            self._scan = True
+            raise
+        OUTBOX_BACKLOG.set(len(events))
+        if not events:
+            return False
+        await self._publish(events)
+        full = len(events) >= self._batch
+        self._scan = self._scan or full
         return full
 
     async def _publish(self, events: Sequence[DurableEvent]) -> None:
@@ -209,6 +261,8 @@ class OutboxRelay:
                 *(self._publish_session(evs) for evs in by_session.values())
             )
         done = [event for published in results for event in published]
+        if len(done) < len(events):
+            self._scan = True  # what failed is retried on the next pass
         if done:
             await self._store.mark_published(done)
             self.published += len(done)
@@ -241,6 +295,7 @@ class OutboxRelay:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while loop.time() < deadline:
+            self._scan = True
             try:
                 more = await asyncio.wait_for(self.publish_once(), deadline - loop.time())
             except Exception:
@@ -254,6 +309,7 @@ class OutboxRelay:
         self._wake.set()
 
     async def close(self) -> None:
+        """Release the shards, telling the other relays to take them now."""
         await self._locks.close()
 
 

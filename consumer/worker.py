@@ -38,6 +38,9 @@ log = get_logger(__name__)
 
 StoreFactory = Callable[[Settings], Store]
 
+RELAY_TIMER_FACTOR = 2.5
+"""The outbox relay's fallback poll and shard retake run every this many sweep intervals."""
+
 
 def postgres_store(settings: Settings) -> Store:
     from lash_core.store.postgres import PostgresStore
@@ -118,7 +121,10 @@ class Worker:
             namespace=s.namespace,
             shards=s.outbox_shards,
             batch=s.outbox_batch,
-            poll_interval_s=s.sweep_interval_ms / 1000,
+            # Notifications and local commits wake the relay; polling and retaking shards
+            # are fallbacks, so they run on a slower timer than the dispatch sweep.
+            poll_interval_s=s.sweep_interval_ms * RELAY_TIMER_FACTOR / 1000,
+            retake_interval_s=s.sweep_interval_ms * RELAY_TIMER_FACTOR / 1000,
         )
         self.dispatcher = Dispatcher(
             self.driver,
@@ -181,7 +187,7 @@ class Worker:
             try:
                 async for note in self.store.notifications():
                     if note.kind == "events":
-                        self.relay.wake()
+                        self.relay.on_notification(note)
                     else:
                         self.dispatcher.on_notification(note)
             except asyncio.CancelledError:

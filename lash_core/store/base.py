@@ -17,7 +17,7 @@ gapless per-session ``seq`` in the same transaction (``input.admitted``,
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from enum import StrEnum
 from typing import Any, Literal
 
@@ -380,20 +380,33 @@ class Store(abc.ABC):
         by the store clock. Non-terminal rows and unpublished events are never removed."""
 
     @abc.abstractmethod
-    async def sessions_with_orphaned_work(self, limit: int = 100) -> list[str]:
-        """Sessions with claimable pending input or commands and no live lease."""
+    async def sessions_with_orphaned_work(
+        self, limit: int = 100, *, among: Collection[str] | None = None
+    ) -> list[str]:
+        """Sessions with claimable pending input or commands and no live lease.
+
+        ``among`` restricts the answer to those sessions (one query checks every session a
+        burst of wake-ups named); an empty collection finds nothing.
+        """
 
     # ------------------------------------------------------------------ outbox
 
     @abc.abstractmethod
     async def unpublished_events(
-        self, limit: int = 500, *, shard: int | None = None, shard_count: int = 1
+        self,
+        limit: int = 500,
+        *,
+        shard: int | None = None,
+        shard_count: int = 1,
+        shards: Collection[int] | None = None,
     ) -> list[DurableEvent]:
         """Durable events not yet confirmed published, ordered by ``(session_id, seq)``.
 
         With ``shard``, only sessions where ``events.session_shard(session_id) % shard_count
         == shard`` (stores keep the shard value in a column written at insert), so several
         relays can split the sessions between them and each session has one publisher.
+        ``shards`` selects several such shards in one call (a relay holding many shards
+        scans them all at once); an empty collection selects nothing.
         """
 
     @abc.abstractmethod

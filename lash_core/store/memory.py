@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -1139,11 +1139,15 @@ class InMemoryStore(Store):
                 removed_events=events_removed,
             )
 
-    async def sessions_with_orphaned_work(self, limit: int = 100) -> list[str]:
+    async def sessions_with_orphaned_work(
+        self, limit: int = 100, *, among: Collection[str] | None = None
+    ) -> list[str]:
         async with self._lock:
             now = self._now()
             found: list[str] = []
             for sid in sorted(self._sessions):
+                if among is not None and sid not in among:
+                    continue
                 s = self._sessions[sid]
                 if s.live_lease(now) is not None:
                     continue
@@ -1165,12 +1169,19 @@ class InMemoryStore(Store):
     # ------------------------------------------------------------------ outbox
 
     async def unpublished_events(
-        self, limit: int = 500, *, shard: int | None = None, shard_count: int = 1
+        self,
+        limit: int = 500,
+        *,
+        shard: int | None = None,
+        shard_count: int = 1,
+        shards: Collection[int] | None = None,
     ) -> list[DurableEvent]:
         async with self._lock:
             out: list[DurableEvent] = []
             for sid in sorted(self._sessions):
                 if shard is not None and session_shard(sid) % shard_count != shard:
+                    continue
+                if shards is not None and session_shard(sid) % shard_count not in shards:
                     continue
                 s = self._sessions[sid]
                 for seq in sorted(s.events):

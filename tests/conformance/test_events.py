@@ -179,6 +179,18 @@ async def test_outbox_shards_split_sessions(store: Store) -> None:
     assert sorted(seen) == sorted(sessions)
 
 
+async def test_outbox_scans_several_shards_in_one_call(store: Store) -> None:
+    sessions = [f"multi-{n}" for n in range(12)]
+    for sid in sessions:
+        await store.enqueue_input(draft(sid, "x"))
+    both = await store.unpublished_events(shards={0, 2}, shard_count=3)
+    assert {e.session_id for e in both} == {s for s in sessions if session_shard(s) % 3 in (0, 2)}
+    assert [(e.session_id, e.seq) for e in both] == sorted((e.session_id, e.seq) for e in both)
+    assert await store.unpublished_events(shards=(), shard_count=3) == []
+    everything = await store.unpublished_events(shards=range(3), shard_count=3)
+    assert len(everything) == len(sessions)
+
+
 # --------------------------------------------------------------------------- notifications
 
 

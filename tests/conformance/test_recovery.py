@@ -157,6 +157,9 @@ async def test_sessions_with_orphaned_work(harness: Harness) -> None:
     assert len(await store.sessions_with_orphaned_work(limit=1)) == 1
     await harness.expire(expiring)
     assert sorted(await store.sessions_with_orphaned_work()) == ["command", "expiring", "pending"]
+    among = {"command", "held", "done", "unknown"}
+    assert await store.sessions_with_orphaned_work(among=among) == ["command"]
+    assert await store.sessions_with_orphaned_work(among=()) == []
 
 
 async def test_read_session_view(store: Store) -> None:

@@ -4,6 +4,7 @@ per shard, takeover of a closed relay's shards."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -112,3 +113,82 @@ async def _until(condition: Any, timeout_s: float = 15.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+async def test_relays_scan_once_per_wake_and_retake_only_on_timer_or_release(
+    store: Store, db_url: str, amqp_url: str, clean_namespace: str
+) -> None:
+    """A relay without shards never scans and retakes only on its (slow) timer; one
+    holding every shard scans them all with one query per wake-up; a relay that closes
+    announces it and the other retakes at once, long before its timer."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    notes = store.notifications()
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare(channel, clean_namespace, 5)
+
+        def relay() -> OutboxRelay:
+            return OutboxRelay(
+                store,
+                topology.observations_exchange,
+                database_url=db_url,
+                namespace=clean_namespace,
+                shards=8,
+                batch=500,
+                poll_interval_s=60.0,
+                retake_interval_s=60.0,
+            )
+
+        a, b = relay(), relay()
+        run_a = asyncio.create_task(a.run())
+        await _until(lambda: len(a.held_shards) == 8)
+        run_b = asyncio.create_task(b.run())
+        await _until(lambda: b.retakes == 1)
+
+        routed: list[str] = []
+
+        async def route() -> None:
+            async for note in notes:
+                if note.kind == "events":
+                    routed.append(note.session_id)
+                    a.on_notification(note)
+                    b.on_notification(note)
+
+        router = asyncio.create_task(route())
+        probes = 0
+        while not routed:  # until LISTEN is in place
+            await admit(store, f"probe-{probes}", 1)
+            probes += 1
+            await asyncio.sleep(0.05)
+        await _until(lambda: a.published == probes)
+        scans_before = a.scans
+        sessions = [f"wake-{i}" for i in range(10)]
+        await asyncio.gather(*(admit(store, s, 3) for s in sessions))
+        await _until(lambda: a.published == probes + 30)
+        await asyncio.sleep(0.2)
+        assert b.held_shards == set() and b.scans == 0 and b.published == 0
+        assert b.retakes == 1  # 30 notifications later: no retake storm
+        assert 1 <= a.scans - scans_before <= 30
+        assert a.retakes == 1
+
+        await a.stop()
+        await run_a
+        await a.close()  # announces the release
+        await _until(lambda: len(b.held_shards) == 8, timeout_s=10)
+        assert b.retakes == 2
+        await admit(store, "after-release", 2)
+        await _until(lambda: b.published == 2)
+        assert await store.unpublished_events(100) == []
+
+        router.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await router
+        await b.stop()
+        await run_b
+        await b.close()
+    finally:
+        closer = getattr(notes, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+        await connection.close()

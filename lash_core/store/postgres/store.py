@@ -13,7 +13,7 @@ pending command and lets a final commit release an idle session's lease by itsel
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
@@ -1727,37 +1727,56 @@ class PostgresStore(Store):
             removed_events=int(row.e),
         )
 
-    async def sessions_with_orphaned_work(self, limit: int = 100) -> list[str]:
+    async def sessions_with_orphaned_work(
+        self, limit: int = 100, *, among: Collection[str] | None = None
+    ) -> list[str]:
+        params: dict[str, Any] = {"n": limit}
+        only = ""
+        if among is not None:
+            if not among:
+                return []
+            only = " AND session_id = ANY(CAST(:among AS text[]))"
+            params["among"] = sorted(among)
         async with self._tx() as conn:
             rows = await conn.execute(
                 text(
                     f"""
                     SELECT w.session_id FROM (
                         SELECT DISTINCT session_id FROM lash_pending_inputs
-                        WHERE state IN ('deferred_next_turn', 'pending_active', 'accepted')
+                        WHERE state IN ('deferred_next_turn', 'pending_active', 'accepted'){only}
                         UNION
                         SELECT DISTINCT session_id FROM lash_session_commands
-                        WHERE state = 'pending') w
+                        WHERE state = 'pending'{only}) w
                     WHERE NOT EXISTS (
                         SELECT 1 FROM lash_leases l WHERE l.session_id = w.session_id
                           AND l.lease_token IS NOT NULL AND l.expires_at_ms > {NOW_SQL})
                     ORDER BY w.session_id LIMIT :n
                     """
                 ),
-                {"n": limit},
+                params,
             )
             return [r.session_id for r in rows]
 
     # ------------------------------------------------------------------ outbox
 
     async def unpublished_events(
-        self, limit: int = 500, *, shard: int | None = None, shard_count: int = 1
+        self,
+        limit: int = 500,
+        *,
+        shard: int | None = None,
+        shard_count: int = 1,
+        shards: Collection[int] | None = None,
     ) -> list[DurableEvent]:
+        if shards is not None and not shards:
+            return []
         where = "NOT published"
         params: dict[str, Any] = {"n": limit}
         if shard is not None:
             where += " AND shard % :count = :shard"
             params.update({"count": shard_count, "shard": shard})
+        if shards is not None:
+            where += " AND shard % :count = ANY(CAST(:shards AS bigint[]))"
+            params.update({"count": shard_count, "shards": sorted(shards)})
         async with self._tx() as conn:
             rows = await conn.execute(
                 text(

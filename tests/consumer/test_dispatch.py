@@ -1,0 +1,116 @@
+"""The dispatcher's wake-up costs: ``work`` notifications are checked in batches, never
+one query per notification, and sessions whose lease is live elsewhere are left alone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Collection
+
+import pytest
+
+from consumer.dispatch import Dispatcher
+from lash_core.engine import SessionDriver
+from lash_core.inputs import TextItem, TurnInput, TurnInputDraft
+from lash_core.store.base import Notification
+from lash_core.store.memory import InMemoryStore
+from tests.engine.support import agent, owner, wait_until
+
+
+class CountingStore(InMemoryStore):
+    """Counts orphaned-work queries: full sweeps and notification checks separately."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.full_sweeps = 0
+        self.checks: list[set[str]] = []
+
+    async def sessions_with_orphaned_work(
+        self, limit: int = 100, *, among: Collection[str] | None = None
+    ) -> list[str]:
+        if among is None:
+            self.full_sweeps += 1
+        else:
+            self.checks.append(set(among))
+        return await super().sessions_with_orphaned_work(limit, among=among)
+
+
+@pytest.fixture
+async def running() -> AsyncIterator[tuple[CountingStore, Dispatcher]]:
+    store = CountingStore()
+    driver = SessionDriver(store, agent(), owner("w1"))
+    dispatcher = Dispatcher(
+        driver, store, concurrency=8, sweep_interval_s=60.0, notify_delay_s=0.05
+    )
+    sweeper = asyncio.create_task(dispatcher.run_sweeper())
+    try:
+        await wait_until(lambda: _true(store.full_sweeps == 1))
+        yield store, dispatcher
+    finally:
+        await dispatcher.shutdown(1.0)
+        sweeper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sweeper
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def admit(store: InMemoryStore, session_id: str) -> None:
+    await store.enqueue_input(
+        TurnInputDraft(session_id=session_id, input=TurnInput(items=[TextItem(text="hi")]))
+    )
+
+
+def work(session_id: str) -> Notification:
+    return Notification(kind="work", session_id=session_id)
+
+
+async def test_a_burst_of_notifications_costs_a_few_batched_checks(
+    running: tuple[CountingStore, Dispatcher],
+) -> None:
+    store, dispatcher = running
+    sessions = [f"burst-{i}" for i in range(50)]
+    for sid in sessions:
+        await admit(store, sid)
+    for _ in range(3):  # every worker hears every notification, repeatedly
+        for sid in sessions:
+            dispatcher.on_notification(work(sid))
+
+    async def drained() -> bool:
+        return not await InMemoryStore.sessions_with_orphaned_work(store, 1000)
+
+    await wait_until(drained)
+    await wait_until(lambda: _true(dispatcher.turns == len(sessions)))
+    assert len(store.checks) <= 3, store.checks
+    assert set().union(*store.checks) == set(sessions)
+    assert store.full_sweeps == 1  # only the start-up sweep
+
+
+async def test_notified_sessions_leased_elsewhere_are_not_drained(
+    running: tuple[CountingStore, Dispatcher],
+) -> None:
+    store, dispatcher = running
+    await admit(store, "held")
+    claim = await store.try_claim_lease("held", owner("other"), 60_000)
+    assert claim.lease is not None
+    dispatcher.on_notification(work("held"))
+    await wait_until(lambda: _true(len(store.checks) == 1))
+    await asyncio.sleep(0.1)
+    assert dispatcher.drains == 0
+    assert dispatcher.draining_sessions == set()
+
+
+async def test_admission_kicks_drain_without_any_query(
+    running: tuple[CountingStore, Dispatcher],
+) -> None:
+    store, dispatcher = running
+    await admit(store, "kicked")
+    dispatcher.kick("kicked")
+    await wait_until(lambda: _true(dispatcher.turns == 1))
+    # The worker's own notification of that admission arrives after the drain started.
+    dispatcher.on_notification(work("kicked"))
+    await wait_until(lambda: _true(len(store.checks) == 1))
+    await asyncio.sleep(0.1)
+    assert dispatcher.drains == 1 and dispatcher.turns == 1
