@@ -28,12 +28,12 @@ import json
 import random
 import time
 import zlib
-from collections import defaultdict
 from collections.abc import Sequence
 
 import aio_pika
+import aiormq
 import psycopg
-from aio_pika.abc import AbstractExchange
+from aio_pika.abc import AbstractChannel, AbstractExchange
 
 from consumer.observability.logs import get_logger
 from consumer.observability.metrics import OUTBOX_BACKLOG, OUTBOX_LAG, OUTBOX_PUBLISHED
@@ -62,6 +62,30 @@ def lock_keys(namespace: str, shard: int) -> tuple[int, int]:
 def released_marker(namespace: str) -> str:
     """The notification ``session_id`` announcing that a relay of ``namespace`` left."""
     return RELEASED_PREFIX + namespace
+
+
+async def send(exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> None:
+    """Publish ``message`` (not mandatory); on a confirm channel, return once confirmed.
+
+    Unlike ``exchange.publish``, this does not hold the channel's lock until the frame is
+    on the socket (``wait=False``): that wait costs one event-loop turn per message, and
+    a busy worker's loop turn is long, so a batch published with it trickles out one
+    message per turn. Frames still leave in call order (the channel lock is taken in
+    order and the write queue is FIFO), and a broker nack still raises.
+    """
+    owner = getattr(exchange, "channel", None)
+    channel = await owner.get_underlay_channel() if isinstance(owner, AbstractChannel) else None
+    if not isinstance(channel, aiormq.Channel):
+        await exchange.publish(message, routing_key=routing_key, mandatory=False)
+        return
+    await channel.basic_publish(
+        message.body,
+        exchange=exchange.name,
+        routing_key=routing_key,
+        properties=message.properties,
+        mandatory=False,
+        wait=False,
+    )
 
 
 def event_message(event: DurableEvent) -> aio_pika.Message:
@@ -253,42 +277,43 @@ class OutboxRelay:
         return full
 
     async def _publish(self, events: Sequence[DurableEvent]) -> None:
-        by_session: dict[str, list[DurableEvent]] = defaultdict(list)
-        for event in events:
-            by_session[event.session_id].append(event)
-        with span("lash.publish", events=len(events), sessions=len(by_session)):
+        """Publish a batch pipelined: every message is sent, then the confirms are awaited
+        together (one round trip per batch, not one per event, which under load would
+        cost a full event-loop turn each). The channel sends in call order, so each
+        session's events leave in ``seq`` order; a session's events are marked published
+        only up to its first unconfirmed one, and the rest go again, in order, next pass."""
+        ordered = sorted(events, key=lambda e: (e.session_id, e.seq))
+        with span("lash.publish", events=len(ordered)):
             results = await asyncio.gather(
-                *(self._publish_session(evs) for evs in by_session.values())
+                *(self._publish_one(event) for event in ordered), return_exceptions=True
             )
-        done = [event for published in results for event in published]
-        if len(done) < len(events):
+        done: list[DurableEvent] = []
+        failed: set[str] = set()
+        for event, result in zip(ordered, results, strict=True):
+            if event.session_id in failed:
+                continue
+            if isinstance(result, BaseException):
+                failed.add(event.session_id)
+                log.warning(
+                    "outbox_publish_failed",
+                    session_id=event.session_id,
+                    seq=event.seq,
+                    error=f"{type(result).__name__}: {result}",
+                )
+                continue
+            done.append(event)
+        if failed:
             self._scan = True  # what failed is retried on the next pass
         if done:
             await self._store.mark_published(done)
             self.published += len(done)
             OUTBOX_PUBLISHED.inc(len(done))
 
-    async def _publish_session(self, events: list[DurableEvent]) -> list[DurableEvent]:
-        """Publish one session's events in ``seq`` order; stop at the first failure."""
-        published: list[DurableEvent] = []
-        for event in sorted(events, key=lambda e: e.seq):
-            try:
-                # Not mandatory: a fanout without observers is normal, not a failure.
-                await self._exchange.publish(
-                    event_message(event), routing_key=event.type, mandatory=False
-                )
-            except Exception as exc:
-                log.warning(
-                    "outbox_publish_failed",
-                    session_id=event.session_id,
-                    seq=event.seq,
-                    error=f"{type(exc).__name__}: {exc}",
-                )
-                break
-            if event.created_at_ms:
-                OUTBOX_LAG.observe(max(0.0, time.time() - event.created_at_ms / 1000))
-            published.append(event)
-        return published
+    async def _publish_one(self, event: DurableEvent) -> None:
+        # Not mandatory: a fanout without observers is normal, not a failure.
+        await send(self._exchange, event_message(event), event.type)
+        if event.created_at_ms:
+            OUTBOX_LAG.observe(max(0.0, time.time() - event.created_at_ms / 1000))
 
     async def flush(self, timeout_s: float) -> None:
         """Publish what the held shards still have, within ``timeout_s`` (shutdown)."""
@@ -334,7 +359,7 @@ class ActivityPublisher:
             delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
         )
         try:
-            await self._exchange.publish(message, routing_key=activity.type, mandatory=False)
+            await send(self._exchange, message, activity.type)
         except Exception as exc:
             self.failures += 1
             if self.failures == 1 or self.failures % 1000 == 0:
