@@ -164,24 +164,38 @@ class Harness:
         killed_at: float,
         events: dict[str, list[DurableEvent]] | None = None,
     ) -> dict[str, float]:
-        """Per victim session: seconds from the kill until a newer lease generation started a
-        turn there - by the database's ``created_at_ms`` of that ``turn.started`` when the
-        stored ``events`` are given, else by when observers received it (which adds the
-        outbox relay's delay)."""
+        """Per victim session whose running turn died with its worker: seconds from the kill
+        until a newer lease generation started a turn there - by the database's
+        ``created_at_ms`` of that ``turn.started`` when the stored ``events`` are given,
+        else by when observers received it (which adds the outbox relay's delay).
+
+        A session whose running turn still committed (the kill landed just after the
+        commit) had nothing to take over, so it is not measured: its next turn waits for
+        the next input, not for recovery.
+        """
         out: dict[str, float] = {}
         for sid, row in victims.items():
             if events is not None:
-                for ev in events.get(sid, []):
-                    p = ev.payload
-                    if p.type == "turn.started" and p.lease_generation > row.fencing_token:
-                        out[sid] = ev.created_at_ms / 1000 - killed_at
-                        break
+                stream = [
+                    (e.type, e.payload.model_dump(mode="json"), e.created_at_ms / 1000)
+                    for e in events.get(sid, [])
+                ]
+            else:
+                stream = [
+                    (o.type, o.body, o.received_at)
+                    for o in self.bus.observed
+                    if o.session_id == sid
+                ]
+            if any(
+                t == "turn.committed" and b.get("turn_id") == row.running_turn_id
+                for t, b, _ in stream
+            ):
                 continue
-            for ob in self.bus.observed:
-                if ob.session_id != sid or ob.type != "turn.started":
-                    continue
-                if int(ob.body.get("lease_generation", 0)) > row.fencing_token:
-                    out[sid] = ob.received_at - killed_at
+            for kind, body, at in stream:
+                if kind == "turn.started" and int(body.get("lease_generation", 0)) > (
+                    row.fencing_token
+                ):
+                    out[sid] = at - killed_at
                     break
         return out
 
