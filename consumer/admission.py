@@ -18,6 +18,7 @@ from consumer.observability.tracing import span
 from lash_core.commands import CommandDraft
 from lash_core.errors import InvalidRequest, SourceKeyConflict
 from lash_core.inputs import PENDING_STATES, TurnInputDraft
+from lash_core.leases import LeaseOwner, holder_is_definitely_dead
 from lash_core.store.base import AdmissionStatus, Store
 from lash_core.transcript import to_transcript
 
@@ -41,6 +42,9 @@ class Admission:
     session (so this worker drains it without waiting for a notification round trip);
     ``on_events()`` after a commit that appended durable events (to wake the outbox);
     ``cancel_local(session_id, turn_id, reason)`` signals a turn running in this process.
+    With ``owner`` (this worker's lease identity), input admitted while a live lease holder
+    exists does not call ``on_work``: the holder drains it (see
+    :attr:`~lash_core.store.base.InputAdmission.held_by`).
     """
 
     def __init__(
@@ -50,8 +54,10 @@ class Admission:
         on_work: WorkHook | None = None,
         on_events: Callable[[], None] | None = None,
         cancel_local: CancelHook | None = None,
+        owner: LeaseOwner | None = None,
     ) -> None:
         self._store = store
+        self._owner = owner
         self._on_work = on_work
         self._on_events = on_events
         self._cancel_local = cancel_local
@@ -103,6 +109,13 @@ class Admission:
         if self._on_events is not None:
             self._on_events()
 
+    def _needs_wake(self, held_by: LeaseOwner | None) -> bool:
+        """Whether admitted input needs a drain woken: not when a live lease holder (this
+        worker or another) will see it anyway, which saves a lease attempt per input."""
+        if held_by is None or self._owner is None:
+            return True
+        return holder_is_definitely_dead(held_by, self._owner)
+
     def _work(self, session_id: str) -> None:
         if self._on_work is not None:
             self._on_work(session_id)
@@ -132,7 +145,7 @@ class Admission:
         record = admission.record
         if admission.status is AdmissionStatus.ADMITTED:
             self._events()
-        if record.state in PENDING_STATES:
+        if record.state in PENDING_STATES and self._needs_wake(admission.held_by):
             self._work(message.session_id)
         status = (
             wire.ReceiptStatus.ADMITTED

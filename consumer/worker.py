@@ -138,6 +138,7 @@ class Worker:
             on_work=self.dispatcher.kick,
             on_events=self.relay.wake,
             cancel_local=self.dispatcher.cancel_local,
+            owner=owner,
         )
         self.ingress = IngressConsumer(
             admission,

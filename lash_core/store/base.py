@@ -52,6 +52,11 @@ class InputAdmission(Frozen):
     status: AdmissionStatus
     record: PendingTurnInput
     event: DurableEvent | None = None
+    held_by: LeaseOwner | None = None
+    """The owner of the session's live lease when the input was admitted, if the store
+    reports it. That holder sees the input before it can release the lease (the admission
+    gate), so the admitter need not wake a drain unless the holder is provably dead.
+    ``None`` means no live lease, or not reported: wake a drain."""
 
 
 class CommandAdmission(Frozen):

@@ -604,7 +604,12 @@ class PostgresStore(Store):
             (event,) = _numbered(
                 sid, int(admitted.last_seq), int(admitted.head_revision), now, [payload]
             )
-            return InputAdmission(status=AdmissionStatus.ADMITTED, record=record, event=event)
+            return InputAdmission(
+                status=AdmissionStatus.ADMITTED,
+                record=record,
+                event=event,
+                held_by=lease.owner if lease is not None and lease.is_live(now) else None,
+            )
 
     async def _existing_admission(
         self, conn: AsyncConnection, draft: TurnInputDraft, input_id: str

@@ -1,0 +1,78 @@
+"""Admission wakes a drain only when no live lease holder will see the input anyway:
+one lease attempt saved per input admitted to a session that is already draining."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+
+import pytest
+
+from consumer import wire
+from consumer.admission import Admission
+from lash_core.inputs import TextItem, TurnInput
+from lash_core.leases import (
+    LeaseOwner,
+    LocalProcessLiveness,
+    local_process_owner,
+    read_process_start,
+)
+from lash_core.store.base import Store
+from lash_core.store.postgres import PostgresStore
+
+pytestmark = [pytest.mark.postgres]
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    pg = PostgresStore(db_url, pool_size=2)
+    await pg.start()
+    try:
+        yield pg
+    finally:
+        await pg.close()
+
+
+def submit(session_id: str, text: str) -> wire.SubmitMessage:
+    return wire.SubmitMessage(
+        session_id=session_id, source_key=text, input=TurnInput(items=[TextItem(text=text)])
+    )
+
+
+def dead_owner(name: str) -> LeaseOwner:
+    me = local_process_owner(name, f"{name}-inc")
+    assert isinstance(me.liveness, LocalProcessLiveness)
+    start = (read_process_start(os.getpid()) or 0) + 987_654
+    return LeaseOwner(
+        owner_id=name,
+        incarnation_id=f"{name}-dead",
+        liveness=me.liveness.model_copy(update={"process_start": start}),
+    )
+
+
+async def test_input_wakes_a_drain_only_without_a_live_holder(store: Store) -> None:
+    kicked: list[str] = []
+    me = local_process_owner("me", "me-inc")
+    admission = Admission(store, on_work=kicked.append, owner=me)
+
+    await admission.handle(submit("free", "a"), None)
+    assert kicked == ["free"]
+
+    other = local_process_owner("other", "other-inc")  # this very process: alive
+    assert (await store.try_claim_lease("held", other, 60_000)).lease is not None
+    receipt = await admission.handle(submit("held", "b"), None)
+    assert isinstance(receipt, wire.Receipt) and receipt.status is wire.ReceiptStatus.ADMITTED
+    assert kicked == ["free"]  # the live holder drains it
+
+    assert (await store.try_claim_lease("orphan", dead_owner("gone"), 60_000)).lease is not None
+    await admission.handle(submit("orphan", "c"), None)
+    assert kicked == ["free", "orphan"]  # a provably dead holder: take over now
+
+
+async def test_without_an_owner_admission_always_wakes(store: Store) -> None:
+    kicked: list[str] = []
+    admission = Admission(store, on_work=kicked.append)
+    other = local_process_owner("other", "other-inc")
+    assert (await store.try_claim_lease("held2", other, 60_000)).lease is not None
+    await admission.handle(submit("held2", "x"), None)
+    assert kicked == ["held2"]
