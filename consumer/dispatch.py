@@ -12,7 +12,10 @@ are. Instead the sessions they name are collected for ``notify_delay_s`` (which 
 the admitting worker time to take the lease) and checked with one query that keeps only
 those with work and no live lease; a session draining here is skipped (its drain picks
 the work up). So a worker's notification cost is bounded by one query per delay, however
-many notifications arrive.
+many notifications arrive. Sweeps and checks kick at most as many sessions as the worker
+has free drain slots: a saturated worker would only queue them behind its own work and
+race whoever is about to drain them (the admitter, whose drain is queued there) for the
+lease, each lost race costing transactions on every side.
 
 A session has at most one drain task in this process. A kick while it drains marks it to
 be drained again. Input admitted while a drain runs is never left behind: the final commit
@@ -66,12 +69,13 @@ class Dispatcher:
         concurrency: int,
         sweep_interval_s: float,
         sweep_limit: int = 500,
-        notify_delay_s: float = 0.1,
+        notify_delay_s: float = 0.25,
         on_report: Callable[[DrainReport], None] | None = None,
     ) -> None:
         self._driver = driver
         self._store = store
         self._slots = asyncio.Semaphore(concurrency)
+        self._concurrency = concurrency
         self._sweep_interval_s = sweep_interval_s
         self._sweep_limit = sweep_limit
         self._on_report = on_report
@@ -202,8 +206,10 @@ class Dispatcher:
                 await asyncio.sleep(self._notify_delay_s)
                 among, self._notified = self._notified, set()
                 among.difference_update(self._tasks)
-                if among:
+                if among and self._room() > 0:
                     await self._sweep(among)
+                elif among:
+                    self._notified.update(among)  # checked once a slot is free
             self._sweeper_wake.clear()
             if self._closing or self._sweep_now or self._notified:
                 continue
@@ -226,8 +232,21 @@ class Dispatcher:
             log.warning("sweep_failed", error=f"{type(exc).__name__}: {exc}")
             return
         for session_id in orphaned:
-            if session_id not in self._tasks:
-                self.kick(session_id)
+            if session_id in self._tasks:
+                continue
+            if self._room() <= 0:
+                # A busy worker would only queue the session behind its own work and race
+                # whoever else is about to drain it (its admitter, an idle worker) for
+                # the lease: notified sessions wait for a free slot here, the rest for
+                # the next sweep.
+                if among is not None:
+                    self._notified.add(session_id)
+                continue
+            self.kick(session_id)
+
+    def _room(self) -> int:
+        """Free drain slots: sessions this worker could start draining right now."""
+        return self._concurrency - len(self._tasks)
 
     # ------------------------------------------------------------------ shutdown
 

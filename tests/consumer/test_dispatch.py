@@ -83,7 +83,8 @@ async def test_a_burst_of_notifications_costs_a_few_batched_checks(
 
     await wait_until(drained)
     await wait_until(lambda: _true(dispatcher.turns == len(sessions)))
-    assert len(store.checks) <= 3, store.checks
+    # 150 notifications, 50 sessions, 8 slots: a check per round of free slots, no more.
+    assert len(store.checks) <= 50 // 8 + 3, store.checks
     assert set().union(*store.checks) == set(sessions)
     assert store.full_sweeps == 1  # only the start-up sweep
 
