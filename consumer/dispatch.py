@@ -88,6 +88,7 @@ class Dispatcher:
         self._sweeper_wake = asyncio.Event()
         self.sweeps = 0
         self.checks = 0
+        self.probes = 0
         self._active = 0
         self.drains = 0
         self.turns = 0
@@ -128,18 +129,39 @@ class Dispatcher:
     # ------------------------------------------------------------------ draining
 
     async def _drain_loop(self, session_id: str) -> None:
+        fresh = True
         try:
             while not self._closing:
                 self._again.discard(session_id)
+                fresh = fresh and not self._slots.locked()
                 async with self._slots:
                     if self._closing:
                         return
-                    await self._drain_once(session_id)
+                    if fresh or await self._still_orphaned(session_id):
+                        await self._drain_once(session_id)
+                fresh = False
                 if session_id not in self._again:
                     return
         finally:
             self._tasks.pop(session_id, None)
             self._again.discard(session_id)
+
+    async def _still_orphaned(self, session_id: str) -> bool:
+        """Whether a session still has work and no live lease (one statement).
+
+        Asked before a drain that waited for a slot or goes round again: meanwhile another
+        worker may have drained the work or be draining it now, and a drain that finds
+        nothing still costs a lease acquisition, a start attempt, a release and a look
+        for work."""
+        self.probes += 1
+        try:
+            found = await self._store.sessions_with_orphaned_work(1, among=(session_id,))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("work_check_failed", session_id=session_id, error=str(exc))
+            return True
+        return bool(found)
 
     async def _drain_once(self, session_id: str) -> None:
         self._active += 1

@@ -115,3 +115,21 @@ async def test_admission_kicks_drain_without_any_query(
     await wait_until(lambda: _true(len(store.checks) == 1))
     await asyncio.sleep(0.1)
     assert dispatcher.drains == 1 and dispatcher.turns == 1
+
+
+async def test_a_drain_that_waited_for_a_slot_first_asks_whether_work_is_left() -> None:
+    store = CountingStore()
+    dispatcher = Dispatcher(
+        SessionDriver(store, agent(), owner("w1")), store, concurrency=1, sweep_interval_s=60.0
+    )
+    await admit(store, "first")
+    await admit(store, "second")
+    dispatcher.kick("first")
+    dispatcher.kick("second")  # queued behind "first": asks before draining
+    dispatcher.kick("nothing")  # queued too, and has no work: never drained
+    await wait_until(lambda: _true(dispatcher.draining_sessions == set()))
+    assert dispatcher.turns == 2
+    assert dispatcher.drains == 2
+    assert dispatcher.probes == 2
+    assert store.checks == [{"second"}, {"nothing"}]
+    await dispatcher.shutdown(1.0)
