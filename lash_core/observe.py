@@ -59,6 +59,59 @@ async def events_after_cursor(
     return await store.events_after(session_id, cursor_seq(session_id, cursor), limit)
 
 
+class Wakeups:
+    """A latch set by store notifications for one session (see :func:`session_wakeups`)."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until a wake-up or ``timeout_s``, whichever comes first (never raises on timeout).
+
+        ``asyncio.timeout`` rather than ``wait_for``: on Python 3.11 ``wait_for`` can swallow
+        a cancellation that arrives as the event is set, and a loop around it never stops.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout_s):
+                await self._event.wait()
+
+
+@contextlib.asynccontextmanager
+async def session_wakeups(
+    store: Store, session_id: str, kinds: tuple[str, ...] = ("work", "cancel", "events")
+) -> AsyncIterator[Wakeups]:
+    """Follow ``store.notifications()`` for one session while the block runs.
+
+    The subscription is registered before the block starts, so a caller that reads state
+    after entering misses nothing; polling with a timeout stays the fallback.
+    """
+    notes = store.notifications()
+    wakeups = Wakeups()
+
+    async def pump() -> None:
+        async for note in notes:
+            if note.session_id == session_id and note.kind in kinds:
+                wakeups.set()
+
+    pumper = asyncio.create_task(pump(), name=f"wakeups:{session_id}")
+    try:
+        yield wakeups
+    finally:
+        pumper.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await pumper
+        closer = getattr(notes, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+
+
 async def subscribe(
     store: Store,
     session_id: str,
@@ -72,16 +125,7 @@ async def subscribe(
     event after it is yielded; if some are no longer retained, a fresh observation is
     yielded instead and following continues from its cursor.
     """
-    notes = store.notifications()  # registered before the first read: nothing is missed
-    wake = asyncio.Event()
-
-    async def pump() -> None:
-        async for note in notes:
-            if note.session_id == session_id and note.kind == "events":
-                wake.set()
-
-    pumper = asyncio.create_task(pump(), name=f"observe:{session_id}")
-    try:
+    async with session_wakeups(store, session_id, kinds=("events",)) as wakeups:
         if cursor is None:
             first = await observe(store, session_id)
             yield first
@@ -89,7 +133,7 @@ async def subscribe(
         else:
             seq = cursor_seq(session_id, cursor)
         while True:
-            wake.clear()
+            wakeups.clear()
             page = await store.events_after(session_id, seq, PAGE_SIZE)
             if page.gap:
                 fresh = await observe(store, session_id)
@@ -101,13 +145,4 @@ async def subscribe(
                 seq = event.seq
             if len(page.events) >= PAGE_SIZE:
                 continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), poll_interval_s)
-    finally:
-        pumper.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await pumper
-        closer = getattr(notes, "aclose", None)
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                await closer()
+            await wakeups.wait(poll_interval_s)

@@ -52,7 +52,13 @@ from lash_core.leases import (
     holder_is_definitely_dead,
     local_process_owner,
 )
-from lash_core.observe import SessionObservation, events_after_cursor, observe, subscribe
+from lash_core.observe import (
+    SessionObservation,
+    events_after_cursor,
+    observe,
+    session_wakeups,
+    subscribe,
+)
 from lash_core.outcomes import Usage
 from lash_core.store.base import (
     CommandAdmission,
@@ -334,31 +340,13 @@ class LashSession:
         found = await self._drain_for(input_id)
         if found is not None:
             return found
-        notes = self.store.notifications()
-        wake = asyncio.Event()
-
-        async def pump() -> None:
-            async for note in notes:
-                if note.session_id == self.session_id:
-                    wake.set()
-
-        pumper = asyncio.create_task(pump())
-        try:
+        async with session_wakeups(self.store, self.session_id) as wakeups:
             while True:
-                wake.clear()
+                wakeups.clear()
                 found = await self._drain_for(input_id)
                 if found is not None:
                     return found
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(wake.wait(), WAIT_POLL_S)
-        finally:
-            pumper.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await pumper
-            closer = getattr(notes, "aclose", None)
-            if closer is not None:
-                with contextlib.suppress(Exception):
-                    await closer()
+                await wakeups.wait(WAIT_POLL_S)
 
     async def _drain_for(self, input_id: str) -> TurnReport | None:
         report = await self.drain()
