@@ -13,11 +13,13 @@ pending command and lets a final commit release an idle session's lease by itsel
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from sqlalchemy import text
+from sqlalchemy import TextClause
+from sqlalchemy import text as sa_text
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from lash_core import inputs as rules
@@ -121,6 +123,17 @@ from lash_core.transcript import (
 NOW_SQL = "floor(extract(epoch from transaction_timestamp()) * 1000)::bigint"
 LockMode = Literal["", "FOR SHARE", "FOR UPDATE"]
 Note = tuple[str, str | None]  # (kind, turn_id)
+
+
+@functools.lru_cache(maxsize=1024)
+def text(sql: str) -> TextClause:
+    """``sqlalchemy.text``, memoised by the SQL string.
+
+    Many statements here are assembled per call from a few fixed shapes; building a
+    ``TextClause`` parses its bind parameters every time, a measurable share of a turn's
+    CPU. The clauses are immutable, so one per distinct string is shared."""
+    return sa_text(sql)
+
 
 LEASE_UPSERT_SQL = """
     INSERT INTO lash_leases (session_id, owner_id, incarnation_id, liveness, lease_token,
@@ -372,6 +385,13 @@ class PostgresStore(Store):
         self._start_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine once started (for instrumentation such as statement counts)."""
+        if self._engine is None:
+            raise RuntimeError("PostgresStore.start() has not been called")
+        return self._engine
 
     async def start(self) -> None:
         async with self._start_lock:
