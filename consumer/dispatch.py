@@ -188,7 +188,8 @@ class Dispatcher:
 
     def _record(self, report: DrainReport) -> None:
         if not report.acquired:
-            LEASE_EVENTS.labels(event="busy").inc()
+            if not report.idle:  # idle: nothing to run, the lease was never taken
+                LEASE_EVENTS.labels(event="busy").inc()
             return
         LEASE_EVENTS.labels(event="takeover" if report.took_over else "acquired").inc()
         if report.lease_lost:

@@ -11,8 +11,10 @@ names the turn and stops before any pending session command); the turn's steerin
 the second; the final commit is the third and releases the lease in the same transaction
 when the session is left idle (``release_lease_if_idle``), which the store decides under
 the lease row lock that every admission must pass, so no re-check is needed after it. A
-session command is claimed only when the store reports one pending; a separate release
-(nothing claimed, or the last turn ``max_turns`` allows) is followed by a re-check.
+session command is claimed only when the store reports one pending. The acquisition takes
+the lease only if there is something to run (``only_if_work``), so a drain that finds
+nothing is one transaction with no release; after a separate release (the last turn
+``max_turns`` allows, a cancelled task) the drain simply tries to acquire again.
 
 Committed state is cached per session (bounded, least recently used): it is advanced by
 each commit made here and trusted for a new turn only while the turn starts from exactly
@@ -122,6 +124,13 @@ class _Opening:
     took_over: bool = False
 
 
+class _Idle:
+    """``_acquire`` found nothing to run and left the lease untaken."""
+
+
+_IDLE = _Idle()
+
+
 @dataclass
 class _TenureEnd:
     """``idle_release``: the last commit released the lease after the store found the
@@ -215,12 +224,15 @@ class SessionDriver:
 
     async def _drain_locked(self, session_id: str, max_turns: int | None) -> DrainReport:
         tally = _Tally()
-        acquired_any = took_over = lease_lost = False
+        acquired_any = took_over = lease_lost = idle = False
         idle_rounds = 0
         while True:
             self._again.discard(session_id)
             may_start = max_turns is None or len(tally.turns) < max_turns
             opening = await self._acquire(session_id, may_start)
+            if isinstance(opening, _Idle):
+                idle = not acquired_any
+                break
             if opening is None:
                 break
             acquired_any = True
@@ -244,29 +256,33 @@ class SessionDriver:
             if end.idle_release:
                 break
             # Released outside an idle commit: input can have arrived between the last
-            # claim and the release, so look once more. The last check is synchronous with
-            # the loop exit, so a concurrent drain call is never lost.
-            more = await self._has_visible_work(session_id)
-            if more or session_id in self._again:
-                continue
-            break
+            # claim and the release, so go round: the next acquisition takes the lease only
+            # if there is work (one transaction when there is none).
+            continue
         return DrainReport(
             session_id=session_id,
             acquired=acquired_any,
+            idle=idle,
             took_over=took_over,
             lease_lost=lease_lost,
             commands_applied=tally.commands_applied,
             turns=tally.turns,
         )
 
-    async def _acquire(self, session_id: str, may_start: bool) -> _Opening | None:
+    async def _acquire(self, session_id: str, may_start: bool) -> _Opening | _Idle | None:
         """Take the lease (starting the first turn in the same transaction when allowed),
         or take it over from a provably dead holder."""
         acquired_at = time.monotonic()
         if may_start:
             opened: TenureStart = await self.store.acquire_and_start_turn(
-                session_id, self.owner, self.lease_ttl_ms, max_inputs=MAX_CLAIM_INPUTS
+                session_id,
+                self.owner,
+                self.lease_ttl_ms,
+                max_inputs=MAX_CLAIM_INPUTS,
+                only_if_work=True,
             )
+            if opened.lease is None:
+                return _IDLE  # nothing to run; the lease was not taken
             result = opened.lease
             if isinstance(result, Acquired):
                 return _Opening(result.lease, acquired_at, opened.turn, opened.command_pending)
@@ -288,13 +304,6 @@ class SessionDriver:
                 # Nothing is known about pending commands yet: look for one first.
                 return _Opening(again.lease, acquired_at, None, True, took_over=True)
         return None
-
-    async def _has_visible_work(self, session_id: str) -> bool:
-        """Pending input (any pending state: steering left for our turn is deferred by its
-        final commit) or a pending command, as seen without a lease."""
-        if await self.store.list_pending_inputs(session_id):
-            return True
-        return bool(await self.store.list_commands(session_id, pending_only=True))
 
     # ------------------------------------------------------------------ one tenure
 

@@ -25,10 +25,14 @@ class TurnReport(Frozen):
 
 
 class DrainReport(Frozen):
-    """What one ``SessionDriver.drain`` did."""
+    """What one ``SessionDriver.drain`` did.
+
+    ``acquired`` is false both when another live owner held the lease (busy) and when
+    there was nothing to run (``idle``: the lease was free but not taken)."""
 
     session_id: str
     acquired: bool
+    idle: bool = False
     took_over: bool = False
     lease_lost: bool = False
     commands_applied: int = 0

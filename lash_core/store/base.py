@@ -86,15 +86,22 @@ class TurnStart(Frozen):
 class TenureStart(Frozen):
     """What :meth:`Store.acquire_and_start_turn` did.
 
-    ``lease`` is the claim result (``Busy``: nothing was written). When acquired, ``turn``
-    is the turn begun in the same transaction, or ``None`` when no input was claimable;
-    ``command_pending`` says whether a session command waits (it may be why no input was
-    claimable: input admitted after a pending command waits for it).
+    ``lease`` is the claim result (``Busy``: nothing was written), or ``None`` when the
+    call was made ``only_if_work`` and the session had nothing to run (the lease was free
+    but not taken: see :attr:`idle`). When acquired, ``turn`` is the turn begun in the same
+    transaction, or ``None`` when no input was claimable; ``command_pending`` says whether a
+    session command waits (it may be why no input was claimable: input admitted after a
+    pending command waits for it).
     """
 
-    lease: LeaseClaimResult
+    lease: LeaseClaimResult | None
     turn: TurnStart | None = None
     command_pending: bool = False
+
+    @property
+    def idle(self) -> bool:
+        """Nothing to run and the lease left untaken (``only_if_work``)."""
+        return self.lease is None
 
 
 class Residency(StrEnum):
@@ -274,12 +281,19 @@ class Store(abc.ABC):
         ttl_ms: int,
         *,
         max_inputs: int = MAX_CLAIM_INPUTS,
+        only_if_work: bool = False,
     ) -> TenureStart:
         """``try_claim_lease`` and, when acquired, ``start_turn(turn_id=None)`` in ONE
         transaction: the first step of a drain's tenure is one round trip.
 
         The lease is written whenever it is acquired, also when no input is claimable (the
-        caller then applies a pending command or releases)."""
+        caller then applies a pending command or releases) — unless ``only_if_work``: then a
+        session with no claimable input and no pending command is left without a lease
+        (``TenureStart.idle``), so a drain that finds nothing costs one transaction and needs
+        no release. Nothing can be stranded by that: the decision is taken under the lease
+        row lock every admission must pass (see :meth:`commit`), so input admitted after it
+        sees no live holder and wakes a drain itself. Input a dead generation left behind is
+        still settled in that transaction."""
 
     @abc.abstractmethod
     async def claim_next_turn_inputs(

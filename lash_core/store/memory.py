@@ -644,24 +644,27 @@ class InMemoryStore(Store):
         ttl_ms: int,
         *,
         max_inputs: int = MAX_CLAIM_INPUTS,
+        only_if_work: bool = False,
     ) -> TenureStart:
         async with self._lock:
             now = self._now()
             s = self._copy(session_id)
+            previous = s.lease
             decision = lease_rules.decide_try_claim(s.lease, session_id, owner, now, ttl_ms)
             result = self._apply_lease(s, decision)
             if not isinstance(result, Acquired):
                 return TenureStart(lease=result)
             s = self._copy(session_id)
             turn = self._start_turn(s, result.lease.fence(), None, True, True, max_inputs, now)
-            return TenureStart(
-                lease=result,
-                turn=turn,
-                command_pending=self._read(session_id).first_pending_command_seq(
-                    result.lease.fencing_token
-                )
-                is not None,
+            command_pending = (
+                self._read(session_id).first_pending_command_seq(result.lease.fencing_token)
+                is not None
             )
+            if only_if_work and turn is None and not command_pending:
+                # Leave the lease as it was (orphan resolution, if any, stays written).
+                self._read(session_id).lease = previous
+                return TenureStart(lease=None)
+            return TenureStart(lease=result, turn=turn, command_pending=command_pending)
 
     async def claim_next_turn_inputs(
         self, fence: LeaseFence, owner: LeaseOwner, max_inputs: int = MAX_CLAIM_INPUTS

@@ -18,6 +18,7 @@ from lash_core.leases import Acquired, Busy
 from lash_core.store.base import Store
 from lash_core.transcript import GraphReplace
 from tests.conformance.conftest import (
+    Harness,
     active,
     append,
     command_draft,
@@ -282,3 +283,37 @@ async def test_HP_11_commit_keeps_the_lease_for_a_pending_command(store: Store) 
         )
     )
     assert applied.released and not applied.command_pending
+
+
+async def test_HP_08b_only_if_work_leaves_an_idle_session_unleased(harness: Harness) -> None:
+    """``only_if_work``: nothing to run -> no lease written, no event, nothing to release;
+    a pending command or claimable input -> acquired as usual; a dead generation's
+    committed steering input is still settled in that transaction."""
+    store = harness.store
+    idle = await store.acquire_and_start_turn("s", owner("a"), TTL, only_if_work=True)
+    assert idle.idle and idle.lease is None and idle.turn is None
+    row = await store.read_lease("s")
+    assert row is None or not row.is_live(await store.now_ms())
+    assert (await store.events_after("s", 0)).last_seq == 0
+
+    await store.enqueue_command(command_draft("s", "c"))
+    with_command = await store.acquire_and_start_turn("s", owner("a"), TTL, only_if_work=True)
+    assert isinstance(with_command.lease, Acquired) and with_command.command_pending
+    await store.release_lease(with_command.lease.lease.fence())
+
+    # A dead generation accepted steering input whose message it committed: settled, and
+    # with nothing else to run the lease stays untaken.
+    dead = await lease_for(store, "t", "dead", ttl=harness.short_ttl_ms)
+    await store.start_turn(dead.fence(), "t1", require_inputs=False)
+    steer = await store.enqueue_input(draft("t", "steer", ingress=active("t1")))
+    claim = await store.claim_active_turn_inputs(dead.fence(), dead.owner, "t1", "after_work")
+    assert claim is not None
+    await store.commit(
+        commit("t", dead, graph=append(node(f"m_ingress_{steer.record.input_id}", "steer")))
+    )
+    await harness.expire(dead)
+    settled = await store.acquire_and_start_turn("t", owner("b"), TTL, only_if_work=True)
+    assert settled.idle
+    record = await store.get_input("t", steer.record.input_id)
+    assert record is not None and record.state is InputState.COMPLETED
+    assert await store.sessions_with_orphaned_work() == ["s"]  # only the pending command

@@ -1003,6 +1003,7 @@ class PostgresStore(Store):
         ttl_ms: int,
         *,
         max_inputs: int = MAX_CLAIM_INPUTS,
+        only_if_work: bool = False,
     ) -> TenureStart:
         async with self._tx() as conn:
             now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
@@ -1019,6 +1020,10 @@ class PostgresStore(Store):
                 conn, lease.fence(), decision.write, now, None, True, True, max_inputs
             )
             if turn is None:
+                if only_if_work and not command_pending:
+                    # Nothing to run: leave the lease untaken (the row lock held so far is
+                    # what every admission waits on, so nothing admitted can be missed).
+                    return TenureStart(lease=None)
                 await self._write_lease(conn, decision.write)
             return TenureStart(lease=decision.result, turn=turn, command_pending=command_pending)
 
