@@ -169,7 +169,7 @@ class Dispatcher:
         try:
             with (
                 bound_contextvars(session_id=session_id),
-                span("lash.turn", session_id=session_id),
+                span("lash.drain", session_id=session_id),
             ):
                 report = await self._driver.drain(session_id)
         except asyncio.CancelledError:

@@ -24,6 +24,7 @@ from consumer.ingress import IngressConsumer
 from consumer.observability.health import HealthServer
 from consumer.observability.logs import get_logger
 from consumer.observability.metrics import InstrumentedProvider
+from consumer.observability.tracing import span
 from consumer.outbox import ActivityPublisher, OutboxRelay
 from consumer.settings import Settings
 from consumer.topology import declare
@@ -109,6 +110,7 @@ class Worker:
             tools=default_registry(),
             system_prompt=s.system_prompt,
             max_iterations=s.max_iterations,
+            span=span,
         )
         owner = local_process_owner(s.owner_id, self.incarnation_id)
         self.driver = SessionDriver(

@@ -11,8 +11,9 @@ stdout for log lines); ``otlp`` (batched export to an OTLP collector, configured
 standard ``OTEL_EXPORTER_OTLP_*`` environment variables; needs
 ``opentelemetry-exporter-otlp``).
 
-Span names used by the service: ``lash.admission``, ``lash.turn``, ``lash.model_call``,
-``lash.tool_call``, ``lash.commit``, ``lash.publish``.
+Span names used by the service: ``lash.admission``, ``lash.drain`` (one session's drain),
+``lash.turn``, ``lash.model_call``, ``lash.tool_call``, ``lash.commit`` (the engine's, via
+``AgentConfig.span``), ``lash.publish``.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ AttributeValue = str | int | float | bool
 
 SPAN_NAMES = (
     "lash.admission",
+    "lash.drain",
     "lash.turn",
     "lash.model_call",
     "lash.tool_call",

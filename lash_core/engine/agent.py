@@ -7,9 +7,11 @@ The engine only needs a narrow view of the tool registry (``specs``, ``catalog_h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from lash_core.providers.base import Provider, ToolSpec
 from lash_core.transcript import ToolCall
@@ -43,6 +45,18 @@ class ToolBox(Protocol):
     ) -> Sequence[ToolOutcome]: ...
 
 
+SpanFactory = Callable[..., AbstractContextManager[Any]]
+"""``span(name, **attributes)``: a context manager around one traced step. The engine names
+its spans ``lash.turn``, ``lash.model_call``, ``lash.tool_call`` and ``lash.commit``; a host
+plugs in its tracer (the service passes OpenTelemetry's), the library default does nothing."""
+
+
+@contextlib.contextmanager
+def no_span(name: str, **attributes: Any) -> Iterator[None]:
+    """The default :data:`SpanFactory`: traces nothing."""
+    yield
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """The agent a driver runs. Immutable: one config serves many sessions concurrently."""
@@ -52,3 +66,4 @@ class AgentConfig:
     system_prompt: str | None = None
     max_iterations: int = 16
     tool_timeout_s: float = 60.0
+    span: SpanFactory = no_span

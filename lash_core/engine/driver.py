@@ -497,7 +497,13 @@ class SessionDriver:
             sink=self.on_activity,
         )
         try:
-            out = await runner.run()
+            with self.agent.span(
+                "lash.turn",
+                session_id=session_id,
+                turn_id=turn_id,
+                lease_generation=guard.generation,
+            ):
+                out = await runner.run()
         finally:
             if self._running.get(session_id) is control:
                 del self._running[session_id]
@@ -585,7 +591,8 @@ class SessionDriver:
         delay = COMMIT_BACKOFF_S
         while True:
             try:
-                return await self.store.commit(commit)
+                with self.agent.span("lash.commit", session_id=commit.session_id):
+                    return await self.store.commit(commit)
             except HeadRevisionConflict as exc:
                 # A lock timeout or serialization failure may surface as a conflict although
                 # the head never moved: that one is transient. A moved head is not.

@@ -199,15 +199,21 @@ class TurnRunner:
 
     async def _model_call(self, request: ModelRequest) -> tuple[str, list[ToolCall]]:
         calls: list[ToolCall] = []
-        async for event in self._agent.provider.stream(request):
-            if isinstance(event, TextChunk):
-                if event.text:
-                    self._partial_text.append(event.text)
-                    await self._emit(TextDelta(text=event.text))
-            elif isinstance(event, ToolCallRequest):
-                calls.append(event.call)
-            elif isinstance(event, ModelDone):
-                self._usage = self._usage + event.usage
+        with self._agent.span(
+            "lash.model_call",
+            session_id=self._ctx.session_id,
+            turn_id=self._ctx.turn_id,
+            provider=self._agent.provider.provider_id,
+        ):
+            async for event in self._agent.provider.stream(request):
+                if isinstance(event, TextChunk):
+                    if event.text:
+                        self._partial_text.append(event.text)
+                        await self._emit(TextDelta(text=event.text))
+                elif isinstance(event, ToolCallRequest):
+                    calls.append(event.call)
+                elif isinstance(event, ModelDone):
+                    self._usage = self._usage + event.usage
         return "".join(self._partial_text), calls
 
     async def _run_tools(self, calls: list[ToolCall]) -> dict[str, ToolOutcome]:
@@ -215,7 +221,14 @@ class TurnRunner:
             await self._emit(
                 ToolCallStarted(call_id=call.id, tool_name=call.name, arguments=call.arguments)
             )
-        results = await self._agent.tools.call_many(calls, timeout_s=self._agent.tool_timeout_s)
+        with self._agent.span(
+            "lash.tool_call",
+            session_id=self._ctx.session_id,
+            turn_id=self._ctx.turn_id,
+            tools=",".join(call.name for call in calls),
+            calls=len(calls),
+        ):
+            results = await self._agent.tools.call_many(calls, timeout_s=self._agent.tool_timeout_s)
         by_id = {r.call_id: r for r in results}
         for call in calls:
             result = by_id.get(call.id)
