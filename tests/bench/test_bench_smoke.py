@@ -7,7 +7,6 @@ percentiles, the profile summary, the table) are checked without services.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -82,10 +81,6 @@ async def test_baseline_run_counts_every_input(tmp_path: Path) -> None:
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
 @pytest.mark.timeout(240)
-@pytest.mark.skipif(
-    importlib.util.find_spec("consumer.cli") is None,
-    reason="the worker (consumer.cli) is not built",
-)
 async def test_pipeline_and_baseline_report(tmp_path: Path) -> None:
     opts = _options(tmp_path, modes=["throughput", "latency"], rate=20.0, latency_duration_s=0.1)
     results = await run_bench(opts, stamp="smoke")
