@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import platform
 import re
 import shutil
 import subprocess
@@ -20,6 +21,8 @@ from typing import Any
 
 import pytest
 import yaml
+
+from tests.services import in_ci
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -168,6 +171,8 @@ def test_hadolint_is_clean() -> None:
         "hadolint"
     )
     if hadolint is None:
+        if in_ci() and sys.platform == "linux" and platform.machine() == "x86_64":
+            pytest.fail("hadolint is missing although the test extra installs it here")
         pytest.skip("hadolint is not installed (the test extra installs it on linux x86_64)")
     result = subprocess.run(
         [hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True, timeout=60
