@@ -27,6 +27,7 @@ from lash_core._model import Frozen
 from lash_core.claims import CommandClaim, TurnInputClaim
 from lash_core.commands import CommandDraft, QueuedCommand
 from lash_core.commit import CommitResult, RuntimeCommit, SessionConfig
+from lash_core.errors import InvalidRequest, SourceKeyConflict
 from lash_core.events import DurableEvent
 from lash_core.inputs import (
     CancelResult,
@@ -189,6 +190,27 @@ class Store(abc.ABC):
         Active-turn input for a turn that is not running is stored as next-turn input.
         A new record appends ``input.admitted`` and wakes workers.
         """
+
+    async def enqueue_inputs(
+        self, drafts: Sequence[TurnInputDraft]
+    ) -> list[InputAdmission | SourceKeyConflict | InvalidRequest]:
+        """Admit several inputs (of any sessions): one outcome per draft, in order.
+
+        Each outcome is what :meth:`enqueue_input` would have returned for that draft, or
+        the :class:`~lash_core.errors.SourceKeyConflict` / ``InvalidRequest`` it would have
+        raised (returned, so one bad draft does not fail the others). Drafts of one session
+        are admitted in the order given. Any other error is raised for the whole call; the
+        drafts may then be submitted again (admission is idempotent by source key), which
+        is why a store that admits the batch in one transaction is preferable: then a
+        raised error means nothing was admitted. This default admits one by one.
+        """
+        outcomes: list[InputAdmission | SourceKeyConflict | InvalidRequest] = []
+        for draft in drafts:
+            try:
+                outcomes.append(await self.enqueue_input(draft))
+            except (SourceKeyConflict, InvalidRequest) as exc:
+                outcomes.append(exc)
+        return outcomes
 
     @abc.abstractmethod
     async def get_input(self, session_id: str, input_id: str) -> PendingTurnInput | None: ...
