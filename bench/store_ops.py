@@ -3,10 +3,10 @@
 ``python -m bench.store_ops [--n 300] [--database-url URL]`` creates a fresh database,
 then times, one call at a time (no concurrency, so each figure is a single client's round
 trip latency): a raw baseline transaction with one ``INSERT ... ON CONFLICT DO NOTHING`` on
-the same SQLAlchemy engine settings, ``enqueue_input`` (admission), the turn start
+a plain psycopg connection, ``enqueue_input`` (admission), the turn start
 ``acquire_and_start_turn`` (lease + claim + ``turn.started`` in one transaction), and the
 final ``commit`` with the idle release (graph append, claim completion, deferral, stamp,
-events, release). Statements per operation are counted with a SQLAlchemy cursor hook.
+events, release). Statements per operation are counted with the store's statement listener.
 Nothing here is asserted; it prints a table.
 """
 
@@ -21,8 +21,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
-from sqlalchemy import event, text
-from sqlalchemy.ext.asyncio import create_async_engine
 
 from lash_core.commit import FinalTurn, RuntimeCommit
 from lash_core.inputs import TextItem, TurnInput, TurnInputDraft
@@ -71,22 +69,19 @@ async def run(url: str, n: int) -> None:
     store = PostgresStore(url, pool_size=2)
     await store.start()
     counter = _Counter()
-    event.listen(store.engine.sync_engine, "before_cursor_execute", counter.hook)
-    raw = create_async_engine(url.replace("postgresql://", "postgresql+psycopg://"), pool_size=2)
-    event.listen(raw.sync_engine, "before_cursor_execute", counter.hook)
-    async with raw.begin() as conn:
-        await conn.execute(
-            text(
-                "CREATE TABLE raw_baseline (session_id text, source_key text, body text,"
-                " PRIMARY KEY (session_id, source_key))"
-            )
-        )
+    store.database.add_listener(counter.hook)
+    raw = await psycopg.AsyncConnection.connect(url, autocommit=True)
+    await raw.execute(
+        "CREATE TABLE raw_baseline (session_id text, source_key text, body text,"
+        " PRIMARY KEY (session_id, source_key))"
+    )
 
     async def baseline(i: int) -> None:
-        async with raw.begin() as conn:
-            await conn.execute(
-                text("INSERT INTO raw_baseline VALUES (:s, :k, :b) ON CONFLICT DO NOTHING"),
-                {"s": f"s{i}", "k": f"k{i}", "b": "hello"},
+        counter.hook()
+        async with raw.transaction():
+            await raw.execute(
+                "INSERT INTO raw_baseline VALUES (%s, %s, %s) ON CONFLICT DO NOTHING",
+                (f"s{i}", f"k{i}", "hello"),
             )
 
     async def admit(i: int) -> None:
@@ -147,7 +142,7 @@ async def run(url: str, n: int) -> None:
     ):
         samples, statements = await _time(n, op, counter)
         print(_row(name, samples, statements))
-    await raw.dispose()
+    await raw.close()
     await store.close()
 
 

@@ -1,6 +1,6 @@
 """Round trips per hot operation stay low (one transaction, few statements each).
 
-Counts the statements SQLAlchemy sends (``before_cursor_execute``); BEGIN/COMMIT are not
+Counts the statements the store sends (``Database.add_listener``); BEGIN/COMMIT are not
 counted. A regression here means an extra network round trip on every turn.
 """
 
@@ -10,8 +10,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from sqlalchemy import event
-
 from lash_core.commit import FinalTurn, RuntimeCommit
 from lash_core.outcomes import AssistantMessageFinish, Finished, Usage
 from lash_core.store.postgres import PostgresStore
@@ -23,18 +21,16 @@ pytestmark = pytest.mark.postgres
 
 @contextmanager
 def counting(store: PostgresStore) -> Iterator[list[str]]:
-    assert store._engine is not None
-    engine = store._engine.sync_engine
     seen: list[str] = []
 
-    def count(*args: object) -> None:
-        seen.append(str(args[2]).split()[0])
+    def count(sql: str) -> None:
+        seen.append(sql.split()[0])
 
-    event.listen(engine, "before_cursor_execute", count)
+    store.database.add_listener(count)
     try:
         yield seen
     finally:
-        event.remove(engine, "before_cursor_execute", count)
+        store.database.remove_listener(count)
 
 
 async def test_hot_path_statement_counts(stores: tuple[PostgresStore, PostgresStore]) -> None:

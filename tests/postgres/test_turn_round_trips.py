@@ -1,7 +1,7 @@
 """Database round trips of one drained turn, end to end through ``SessionDriver.drain``.
 
-Counts the statements SQLAlchemy sends (``before_cursor_execute``; BEGIN/COMMIT are not
-statements) and the transactions it begins, attributed to the store operation that sent
+Counts the statements the store sends (``Database.add_listener``; BEGIN/COMMIT are not
+statements) and the transactions it begins (``add_begin_listener``), attributed to the store operation that sent
 them, for a drain of a session holding one next-turn input: the first drain of a new
 session and a drain of a session that already has history (the steady state). Counts are
 deterministic, so the test asserts upper bounds on them; it prints the per-operation
@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from sqlalchemy import event
 
 from lash_core.engine.driver import SessionDriver
 from lash_core.store.base import Store
@@ -103,23 +102,21 @@ def _traced(store: Store) -> None:
 
 @contextmanager
 def counting(store: PostgresStore) -> Iterator[Trips]:
-    assert store._engine is not None
-    engine = store._engine.sync_engine
     trips = Trips()
 
-    def on_statement(*_: object) -> None:
+    def on_statement(_: str) -> None:
         trips.statements[_operation.get()] += 1
 
-    def on_begin(*_: object) -> None:
+    def on_begin() -> None:
         trips.transactions[_operation.get()] += 1
 
-    event.listen(engine, "before_cursor_execute", on_statement)
-    event.listen(engine, "begin", on_begin)
+    store.database.add_listener(on_statement)
+    store.database.add_begin_listener(on_begin)
     try:
         yield trips
     finally:
-        event.remove(engine, "before_cursor_execute", on_statement)
-        event.remove(engine, "begin", on_begin)
+        store.database.remove_listener(on_statement)
+        store.database.remove_begin_listener(on_begin)
 
 
 async def test_statements_and_transactions_per_drained_turn(pg_url: str) -> None:

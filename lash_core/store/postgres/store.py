@@ -13,14 +13,9 @@ pending command and lets a final commit release an idle session's lease by itsel
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Literal
-
-from sqlalchemy import TextClause
-from sqlalchemy import text as sa_text
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from lash_core import inputs as rules
 from lash_core import leases as lease_rules
@@ -94,8 +89,9 @@ from lash_core.store.base import (
     VacuumReport,
 )
 from lash_core.store.postgres import notify
+from lash_core.store.postgres.db import Connection, Database, text
 from lash_core.store.postgres.errors import CAS_SQLSTATES, is_driver_error, sqlstate, translate
-from lash_core.store.postgres.migrate import upgrade_engine
+from lash_core.store.postgres.migrate import migrate
 from lash_core.store.postgres.rows import (
     COMMAND_COLUMNS,
     INPUT_COLUMNS,
@@ -109,7 +105,7 @@ from lash_core.store.postgres.rows import (
     node_from_json,
 )
 from lash_core.store.postgres.tables import ALL_TABLES
-from lash_core.store.postgres.urls import async_url, libpq_url
+from lash_core.store.postgres.urls import libpq_url
 from lash_core.transcript import (
     GraphAppend,
     GraphReplace,
@@ -123,16 +119,6 @@ from lash_core.transcript import (
 NOW_SQL = "floor(extract(epoch from transaction_timestamp()) * 1000)::bigint"
 LockMode = Literal["", "FOR SHARE", "FOR UPDATE"]
 Note = tuple[str, str | None]  # (kind, turn_id)
-
-
-@functools.lru_cache(maxsize=1024)
-def text(sql: str) -> TextClause:
-    """``sqlalchemy.text``, memoised by the SQL string.
-
-    Many statements here are assembled per call from a few fixed shapes; building a
-    ``TextClause`` parses its bind parameters every time, a measurable share of a turn's
-    CPU. The clauses are immutable, so one per distinct string is shared."""
-    return sa_text(sql)
 
 
 LEASE_UPSERT_SQL = """
@@ -381,53 +367,48 @@ class PostgresStore(Store):
         self._lock_timeout_ms = lock_timeout_ms
         self._statement_timeout_ms = statement_timeout_ms
         self._migrate = migrate
-        self._engine: AsyncEngine | None = None
+        self._db: Database | None = None
         self._start_lock = asyncio.Lock()
 
     # ------------------------------------------------------------------ lifecycle
 
     @property
-    def engine(self) -> AsyncEngine:
-        """The SQLAlchemy engine once started (for instrumentation such as statement counts)."""
-        if self._engine is None:
+    def database(self) -> Database:
+        """The connection pool once started (for instrumentation such as statement counts)."""
+        if self._db is None:
             raise RuntimeError("PostgresStore.start() has not been called")
-        return self._engine
+        return self._db
 
     async def start(self) -> None:
         async with self._start_lock:
-            if self._engine is not None:
+            if self._db is not None:
                 return
-            engine = create_async_engine(
-                async_url(self._url),
-                pool_size=self._pool_size,
-                max_overflow=self._max_overflow,
-                pool_recycle=1800,
-                connect_args={
-                    "options": f"-c lock_timeout={self._lock_timeout_ms}"
-                    f" -c statement_timeout={self._statement_timeout_ms}"
-                },
+            if self._migrate:
+                await migrate(self._url)
+            db = Database(
+                libpq_url(self._url),
+                min_size=min(self._pool_size, 2),
+                max_size=self._pool_size + self._max_overflow,
+                options=f"-c lock_timeout={self._lock_timeout_ms}"
+                f" -c statement_timeout={self._statement_timeout_ms}",
             )
-            try:
-                if self._migrate:
-                    await upgrade_engine(engine)
-            except BaseException:
-                await engine.dispose()
-                raise
-            self._engine = engine
+            await db.open()
+            self._db = db
 
     async def close(self) -> None:
-        engine, self._engine = self._engine, None
-        if engine is not None:
-            await engine.dispose()
+        db, self._db = self._db, None
+        if db is not None:
+            await db.close()
 
     @asynccontextmanager
-    async def _tx(self) -> AsyncIterator[AsyncConnection]:
-        """One transaction; driver errors leave as lash_core errors, never raw."""
-        if self._engine is None:
+    async def _tx(self, *, single: bool = False) -> AsyncIterator[Connection]:
+        """One transaction (``single``: one statement per transaction, no ``BEGIN``);
+        driver errors leave as lash_core errors, never raw."""
+        if self._db is None:
             await self.start()
-        assert self._engine is not None
+        assert self._db is not None
         try:
-            async with self._engine.begin() as conn:
+            async with self._db.single() if single else self._db.transaction() as conn:
                 yield conn
         except (LashError, _Rollback):
             raise
@@ -443,13 +424,13 @@ class PostgresStore(Store):
             await conn.execute(text(f"TRUNCATE {names}"))
 
     async def now_ms(self) -> int:
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             return int((await conn.execute(text(f"SELECT {NOW_SQL}"))).scalar_one())
 
     # ------------------------------------------------------------------ helpers
 
     async def _now_lease(
-        self, conn: AsyncConnection, session_id: str, lock: LockMode = ""
+        self, conn: Connection, session_id: str, lock: LockMode = ""
     ) -> tuple[int, LeaseRow | None]:
         """The database clock and the session's lease row (locked as asked), in one trip."""
         row = (
@@ -464,7 +445,7 @@ class PostgresStore(Store):
         return int(row.now_ms), lease_from_json(row.lease)
 
     async def _fenced(
-        self, conn: AsyncConnection, fence: LeaseFence, session_id: str | None = None
+        self, conn: Connection, fence: LeaseFence, session_id: str | None = None
     ) -> tuple[int, LeaseRow]:
         """Lock the lease row and validate ``fence`` by the database clock."""
         sid = session_id or fence.session_id
@@ -473,11 +454,11 @@ class PostgresStore(Store):
         now, lease = await self._now_lease(conn, sid, "FOR UPDATE")
         return now, lease_rules.validate_fence(lease, fence, sid, now)
 
-    async def _write_lease(self, conn: AsyncConnection, row: LeaseRow) -> None:
+    async def _write_lease(self, conn: Connection, row: LeaseRow) -> None:
         await conn.execute(_LEASE_UPSERT, lease_params(row))
 
     async def _write_inputs(
-        self, conn: AsyncConnection, session_id: str, records: Sequence[PendingTurnInput], now: int
+        self, conn: Connection, session_id: str, records: Sequence[PendingTurnInput], now: int
     ) -> int:
         """Write state, ingress and claim columns of ``records``; returns rows written."""
         if not records:
@@ -487,7 +468,7 @@ class PostgresStore(Store):
 
     async def _append_events(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         session_id: str,
         now: int,
         payloads: Sequence[EventPayload],
@@ -506,7 +487,7 @@ class PostgresStore(Store):
 
     async def _append(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         session_id: str,
         now: int,
         payloads: Sequence[EventPayload],
@@ -549,7 +530,7 @@ class PostgresStore(Store):
         return events, row.leaf_node_id
 
     async def _inputs(
-        self, conn: AsyncConnection, where: str, params: dict[str, Any], suffix: str = ""
+        self, conn: Connection, where: str, params: dict[str, Any], suffix: str = ""
     ) -> list[PendingTurnInput]:
         rows = await conn.execute(
             text(
@@ -558,7 +539,7 @@ class PostgresStore(Store):
             ),
             params,
         )
-        return [input_from_row(r._mapping) for r in rows]
+        return [input_from_row(r._asdict()) for r in rows]
 
     # ------------------------------------------------------------------ admission
 
@@ -632,7 +613,7 @@ class PostgresStore(Store):
             )
 
     async def _existing_admission(
-        self, conn: AsyncConnection, draft: TurnInputDraft, input_id: str
+        self, conn: Connection, draft: TurnInputDraft, input_id: str
     ) -> InputAdmission:
         """Resolve an insert that hit a unique key: an idempotent replay or a conflict."""
         sid = draft.session_id
@@ -652,23 +633,21 @@ class PostgresStore(Store):
         raise SourceKeyConflict(sid, draft.source_key or input_id, existing.input_id)
 
     async def get_input(self, session_id: str, input_id: str) -> PendingTurnInput | None:
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             found = await self._inputs(
                 conn, "session_id = :s AND input_id = :id", {"s": session_id, "id": input_id}
             )
         return found[0] if found else None
 
     async def list_inputs(self, session_id: str) -> list[PendingTurnInput]:
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             return await self._inputs(conn, "session_id = :s", {"s": session_id})
 
     async def list_pending_inputs(self, session_id: str) -> list[PendingTurnInput]:
         async with self._tx() as conn:
             return await self._pending_inputs(conn, session_id)
 
-    async def _pending_inputs(
-        self, conn: AsyncConnection, session_id: str
-    ) -> list[PendingTurnInput]:
+    async def _pending_inputs(self, conn: Connection, session_id: str) -> list[PendingTurnInput]:
         now, lease = await self._now_lease(conn, session_id)
         rows = await self._inputs(
             conn,
@@ -725,7 +704,7 @@ class PostgresStore(Store):
         return results, list(changed.values())
 
     async def _finish_cancel(
-        self, conn: AsyncConnection, session_id: str, changed: list[PendingTurnInput], now: int
+        self, conn: Connection, session_id: str, changed: list[PendingTurnInput], now: int
     ) -> None:
         if not changed:
             return
@@ -825,9 +804,7 @@ class PostgresStore(Store):
             _, row = await self._now_lease(conn, fence.session_id, "FOR UPDATE")
             await self._release(conn, row, fence)
 
-    async def _release(
-        self, conn: AsyncConnection, row: LeaseRow | None, fence: LeaseFence
-    ) -> bool:
+    async def _release(self, conn: Connection, row: LeaseRow | None, fence: LeaseFence) -> bool:
         new = lease_rules.decide_release(row, fence)
         if new is None:
             return False
@@ -835,7 +812,7 @@ class PostgresStore(Store):
         return True
 
     async def read_lease(self, session_id: str) -> LeaseRow | None:
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             return (await self._now_lease(conn, session_id))[1]
 
     # ------------------------------------------------------------------ claims
@@ -872,7 +849,7 @@ class PostgresStore(Store):
         return cid, token, fencing, written
 
     async def _open_rows(
-        self, conn: AsyncConnection, session_id: str, generation: int
+        self, conn: Connection, session_id: str, generation: int
     ) -> tuple[int | None, list[PendingTurnInput]]:
         """The ``enqueue_seq`` of the earliest pending command ``generation`` did not claim
         (one it claimed is being applied) and the open input rows, locked.
@@ -883,7 +860,7 @@ class PostgresStore(Store):
         """
         found = (await conn.execute(_OPEN_ROWS, {"s": session_id, "g": generation})).all()
         first = found[0].first_command if found else None
-        rows = [input_from_row(r._mapping) for r in found if r.input_id is not None]
+        rows = [input_from_row(r._asdict()) for r in found if r.input_id is not None]
         return (int(first) if first is not None else None), rows
 
     def _next_turn_claim(
@@ -938,7 +915,7 @@ class PostgresStore(Store):
 
     async def _start_turn(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         fence: LeaseFence,
         lease: LeaseRow,
         now: int,
@@ -1029,7 +1006,7 @@ class PostgresStore(Store):
 
     async def _resolve_orphans(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         session_id: str,
         generation: int,
         rows: list[PendingTurnInput],
@@ -1124,7 +1101,7 @@ class PostgresStore(Store):
             return None
 
     async def _active_candidates(
-        self, conn: AsyncConnection, session_id: str, turn_id: str, lock: str = ""
+        self, conn: Connection, session_id: str, turn_id: str, lock: str = ""
     ) -> list[PendingTurnInput]:
         return await self._inputs(
             conn,
@@ -1153,7 +1130,7 @@ class PostgresStore(Store):
         if not found:
             return False
         generation = int(found[0].lease_generation or 0)
-        rows = [input_from_row(r._mapping) for r in found]
+        rows = [input_from_row(r._asdict()) for r in found]
         return bool(
             rules.select_active_claim(
                 rows, turn_id=turn_id, checkpoint=checkpoint, generation=generation, max_inputs=1
@@ -1163,7 +1140,7 @@ class PostgresStore(Store):
     # ------------------------------------------------------------------ commands
 
     async def _commands(
-        self, conn: AsyncConnection, where: str, params: dict[str, Any], suffix: str = ""
+        self, conn: Connection, where: str, params: dict[str, Any], suffix: str = ""
     ) -> list[QueuedCommand]:
         rows = await conn.execute(
             text(
@@ -1172,7 +1149,7 @@ class PostgresStore(Store):
             ),
             params,
         )
-        return [command_from_row(r._mapping) for r in rows]
+        return [command_from_row(r._asdict()) for r in rows]
 
     async def enqueue_command(self, draft: CommandDraft) -> CommandAdmission:
         sid = draft.session_id
@@ -1207,7 +1184,7 @@ class PostgresStore(Store):
             if inserted is not None:
                 await self._append_events(conn, sid, 0, [], [("work", None)])
                 return CommandAdmission(
-                    status=AdmissionStatus.ADMITTED, command=command_from_row(inserted._mapping)
+                    status=AdmissionStatus.ADMITTED, command=command_from_row(inserted._asdict())
                 )
             found = await self._commands(
                 conn, "session_id = :s AND source_key = :key", {"s": sid, "key": draft.source_key}
@@ -1279,7 +1256,7 @@ class PostgresStore(Store):
             ).one_or_none()
             if row is None:
                 return None
-            cmd = command_from_row(row._mapping)
+            cmd = command_from_row(row._asdict())
             if row.first_input is not None and row.first_input < cmd.enqueue_seq:
                 return None
             fencing = cmd.claim_fencing_token + 1
@@ -1332,7 +1309,7 @@ class PostgresStore(Store):
             raise
 
     async def _commit(
-        self, conn: AsyncConnection, commit: RuntimeCommit, seen_head: list[int]
+        self, conn: Connection, commit: RuntimeCommit, seen_head: list[int]
     ) -> CommitResult:
         sid = commit.session_id
         if commit.fence is not None and commit.fence.session_id != sid:
@@ -1462,7 +1439,7 @@ class PostgresStore(Store):
 
     async def _finish_commit(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         commit: RuntimeCommit,
         session: dict[str, Any] | None,
         result: CommitResult,
@@ -1543,7 +1520,7 @@ class PostgresStore(Store):
 
     async def _complete_and_defer(
         self,
-        conn: AsyncConnection,
+        conn: Connection,
         commit: RuntimeCommit,
         input_ids: list[str],
         batch_ids: list[str],
@@ -1586,7 +1563,7 @@ class PostgresStore(Store):
             return await self._load_state(conn, session_id, residency)
 
     async def _load_state(
-        self, conn: AsyncConnection, session_id: str, residency: Residency
+        self, conn: Connection, session_id: str, residency: Residency
     ) -> SessionState:
         ses = (
             await conn.execute(
@@ -1644,11 +1621,11 @@ class PostgresStore(Store):
         )
 
     async def events_after(self, session_id: str, after_seq: int, limit: int = 1000) -> EventPage:
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             return await self._events_after(conn, session_id, after_seq, limit)
 
     async def _events_after(
-        self, conn: AsyncConnection, session_id: str, after_seq: int, limit: int
+        self, conn: Connection, session_id: str, after_seq: int, limit: int
     ) -> EventPage:
         rows = await conn.execute(
             text(
@@ -1661,7 +1638,7 @@ class PostgresStore(Store):
         )
         found = rows.all()
         last_seq = int(found[0].last_seq or 0) if found else 0
-        events = [event_from_row(r._mapping) for r in found if r.seq is not None]
+        events = [event_from_row(r._asdict()) for r in found if r.seq is not None]
         first = events[0].seq if events else None
         gap = after_seq < last_seq and (first is None or first > after_seq + 1)
         return EventPage(
@@ -1767,7 +1744,7 @@ class PostgresStore(Store):
                 return []
             only = " AND session_id = ANY(CAST(:among AS text[]))"
             params["among"] = sorted(among)
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             rows = await conn.execute(
                 text(
                     f"""
@@ -1807,7 +1784,7 @@ class PostgresStore(Store):
         if shards is not None:
             where += " AND shard % :count = ANY(CAST(:shards AS bigint[]))"
             params.update({"count": shard_count, "shards": sorted(shards)})
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             rows = await conn.execute(
                 text(
                     "SELECT session_id, seq, revision, payload, created_at_ms FROM lash_events"
@@ -1815,12 +1792,12 @@ class PostgresStore(Store):
                 ),
                 params,
             )
-            return [event_from_row(r._mapping) for r in rows]
+            return [event_from_row(r._asdict()) for r in rows]
 
     async def mark_published(self, events: Sequence[DurableEvent]) -> None:
         if not events:
             return
-        async with self._tx() as conn:
+        async with self._tx(single=True) as conn:
             await conn.execute(
                 text(
                     "UPDATE lash_events e SET published = true"
