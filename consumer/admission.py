@@ -1,25 +1,28 @@
-"""Admission: turn one decoded producer message into durable state and a reply.
+"""Admission: turn decoded producer messages into durable state and replies.
 
 This is the broker-independent half of ingress (``consumer.ingress`` is the AMQP half):
 each message type maps to one store call, whose commit happens before this returns, so
-the caller may ack afterwards. Store failures that may pass (``RetryableStoreError``)
-propagate for the caller to retry; requests the store refuses as malformed become
-:class:`~consumer.wire.BadInput`. Admission never touches the session lease: a busy
-session's input is durable and its lease holder picks it up.
+the caller may ack afterwards. Submits can also be admitted several at a time
+(:meth:`Admission.submit_many`, one ``Store.enqueue_inputs`` call) because under load
+the per-transaction overhead, not the work, bounds how fast input is admitted. Store
+failures that may pass (``RetryableStoreError``) propagate for the caller to retry;
+requests the store refuses as malformed become :class:`~consumer.wire.BadInput`.
+Admission never touches the session lease: a busy session's input is durable and its
+lease holder picks it up.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from consumer import wire
-from consumer.observability.metrics import ADMISSIONS
+from consumer.observability.metrics import ADMISSION_BATCH_SIZE, ADMISSIONS
 from consumer.observability.tracing import span
 from lash_core.commands import CommandDraft
 from lash_core.errors import InvalidRequest, SourceKeyConflict
 from lash_core.inputs import PENDING_STATES, TurnInputDraft
 from lash_core.leases import LeaseOwner, holder_is_definitely_dead
-from lash_core.store.base import AdmissionStatus, Store
+from lash_core.store.base import AdmissionStatus, InputAdmission, Store
 from lash_core.transcript import to_transcript
 
 WorkHook = Callable[[str], None]
@@ -28,6 +31,9 @@ MAX_READ_EVENTS = 10_000
 """At most this many events in one ``session.read.result``; a reader asks again after the
 last one it got (the reply stays well inside usual AMQP frame and memory limits)."""
 CancelHook = Callable[[str, str, str | None], bool]
+
+SubmitOutcome = wire.Receipt | wire.BadInput
+"""What one submit of a batch came to: its receipt, or the bad input to dead-letter."""
 
 
 def amqp_source_key(message_id: str | None) -> str | None:
@@ -73,6 +79,31 @@ class Admission:
                     session_id=message.session_id,
                     message_type=message.type,
                 ) from exc
+
+    async def submit_many(
+        self, items: Sequence[tuple[wire.SubmitMessage, str | None]]
+    ) -> list[SubmitOutcome]:
+        """Admit several submits (``(message, amqp message_id)``) in one store call.
+
+        One outcome per item, in order: a receipt, or a :class:`~consumer.wire.BadInput`
+        for a submit the store refused as malformed (returned, not raised, so it does not
+        fail the others). Inputs of one session are admitted in the order given. Errors
+        that concern the whole call (``RetryableStoreError`` and anything unexpected)
+        propagate: nothing may then be acked, and submitting the same items again is safe
+        (admission is idempotent by source key).
+        """
+        if not items:
+            return []
+        sessions = {message.session_id for message, _ in items}
+        attributes: dict[str, str | int] = {
+            "message_type": "turn_input.submit",
+            "batch_size": len(items),
+        }
+        if len(sessions) == 1:
+            attributes["session_id"] = next(iter(sessions))
+        with span("lash.admission", **attributes):
+            ADMISSION_BATCH_SIZE.observe(len(items))
+            return await self._admit_submits(items)
 
     async def _dispatch(self, message: wire.ProducerMessage, message_id: str | None) -> wire.Reply:
         if isinstance(message, wire.SubmitMessage):
@@ -121,30 +152,65 @@ class Admission:
             self._on_work(session_id)
 
     async def _submit(self, message: wire.SubmitMessage, message_id: str | None) -> wire.Receipt:
-        draft = TurnInputDraft(
-            session_id=message.session_id,
-            input_id=message.input_id,
-            source_key=message.source_key or amqp_source_key(message_id),
-            ingress=message.ingress,
-            input=message.input,
-        )
-        try:
-            admission = await self._store.enqueue_input(draft)
-        except SourceKeyConflict as exc:
-            ADMISSIONS.labels(status="conflict").inc()
-            existing = await self._store.get_input(message.session_id, exc.existing_id)
-            return self._receipt(
-                message,
-                wire.ReceiptStatus.CONFLICT,
-                input=existing.public() if existing else None,
-                error=wire.ErrorInfo(
-                    code=exc.code, message=str(exc), existing_input_id=exc.existing_id
-                ),
+        (outcome,) = await self._admit_submits([(message, message_id)])
+        if isinstance(outcome, wire.BadInput):
+            raise outcome
+        return outcome
+
+    async def _admit_submits(
+        self, items: Sequence[tuple[wire.SubmitMessage, str | None]]
+    ) -> list[SubmitOutcome]:
+        """The one home of submit admission, for a single message or a batch."""
+        drafts = [
+            TurnInputDraft(
+                session_id=message.session_id,
+                input_id=message.input_id,
+                source_key=message.source_key or amqp_source_key(message_id),
+                ingress=message.ingress,
+                input=message.input,
             )
+            for message, message_id in items
+        ]
+        outcomes = await self._store.enqueue_inputs(drafts)
+        if len(outcomes) != len(drafts):
+            raise RuntimeError(f"store answered {len(outcomes)} outcomes for {len(drafts)} drafts")
+        results: list[SubmitOutcome] = []
+        appended = False
+        for (message, _), outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, SourceKeyConflict):
+                results.append(await self._conflict(message, outcome))
+            elif isinstance(outcome, InvalidRequest):
+                results.append(
+                    wire.BadInput(
+                        outcome.code,
+                        str(outcome),
+                        session_id=message.session_id,
+                        message_type=message.type,
+                    )
+                )
+            else:
+                appended |= outcome.status is AdmissionStatus.ADMITTED
+                results.append(self._admitted(message, outcome))
+        # One wake-up covers every event the call appended.
+        if appended:
+            self._events()
+        return results
+
+    async def _conflict(self, message: wire.SubmitMessage, exc: SourceKeyConflict) -> wire.Receipt:
+        ADMISSIONS.labels(status="conflict").inc()
+        existing = await self._store.get_input(message.session_id, exc.existing_id)
+        return self._receipt(
+            message,
+            wire.ReceiptStatus.CONFLICT,
+            input=existing.public() if existing else None,
+            error=wire.ErrorInfo(
+                code=exc.code, message=str(exc), existing_input_id=exc.existing_id
+            ),
+        )
+
+    def _admitted(self, message: wire.SubmitMessage, admission: InputAdmission) -> wire.Receipt:
         ADMISSIONS.labels(status=admission.status.value).inc()
         record = admission.record
-        if admission.status is AdmissionStatus.ADMITTED:
-            self._events()
         if record.state in PENDING_STATES and self._needs_wake(admission.held_by):
             self._work(message.session_id)
         status = (

@@ -149,6 +149,8 @@ class Worker:
             replies,
             max_message_bytes=s.max_message_bytes,
             max_deliveries=s.max_deliveries,
+            # At most the prefetch can be waiting, so that is the largest useful batch.
+            max_batch=s.effective_prefetch,
         )
 
         self._spawn(self.relay.run(), "outbox")

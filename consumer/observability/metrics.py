@@ -24,6 +24,7 @@ from lash_core.providers.base import ModelRequest, Provider, ProviderEvent
 __all__ = [
     "ACTIVE_SESSIONS",
     "ADMISSIONS",
+    "ADMISSION_BATCH_SIZE",
     "CLAIMS",
     "COMMIT_CONFLICTS",
     "DEAD_LETTERS",
@@ -58,6 +59,13 @@ ADMISSIONS = Counter(
     "lash_admissions_total",
     "Producer requests answered, by receipt status (admitted, duplicate, conflict, ...).",
     ["status"],
+)
+# Batch sizes are bounded by the consumer's prefetch (twice the concurrency by default).
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+ADMISSION_BATCH_SIZE = Histogram(
+    "lash_admission_batch_size",
+    "Submits admitted together in one store call (1 at low load: batches never wait to fill).",
+    buckets=_BATCH_BUCKETS,
 )
 MESSAGES = Counter(
     "lash_messages_total",

@@ -11,7 +11,8 @@ stdout for log lines); ``otlp`` (batched export to an OTLP collector, configured
 standard ``OTEL_EXPORTER_OTLP_*`` environment variables; needs
 ``opentelemetry-exporter-otlp``).
 
-Span names used by the service: ``lash.admission``, ``lash.drain`` (one session's drain),
+Span names used by the service: ``lash.admission`` (one per message, or per batch of
+submits with a ``batch_size`` attribute), ``lash.drain`` (one session's drain),
 ``lash.turn``, ``lash.model_call``, ``lash.tool_call``, ``lash.commit`` (the engine's, via
 ``AgentConfig.span``), ``lash.publish``.
 """

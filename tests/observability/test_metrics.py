@@ -24,6 +24,7 @@ EXPECTED = {
     "TURNS": ("lash_turns", "counter", ("outcome",)),
     "TURN_DURATION": ("lash_turn_duration_seconds", "histogram", ()),
     "ADMISSIONS": ("lash_admissions", "counter", ("status",)),
+    "ADMISSION_BATCH_SIZE": ("lash_admission_batch_size", "histogram", ()),
     "MESSAGES": ("lash_messages", "counter", ("type",)),
     "LEASE_EVENTS": ("lash_lease_events", "counter", ("event",)),
     "CLAIMS": ("lash_claimed_inputs", "counter", ("mode",)),
