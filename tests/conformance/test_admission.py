@@ -5,17 +5,19 @@ from __future__ import annotations
 import pytest
 
 from lash_core.errors import SourceKeyConflict
+from lash_core.events import InputAdmitted
 from lash_core.inputs import (
     ActiveTurnIngress,
     AttachmentItem,
     InputState,
     NextTurnIngress,
+    PendingTurnInput,
     TextItem,
     TurnInput,
     TurnInputDraft,
     merge_inputs,
 )
-from lash_core.store.base import AdmissionStatus, Store
+from lash_core.store.base import AdmissionStatus, InputAdmission, Store
 from tests.conformance.conftest import (
     Harness,
     active,
@@ -251,3 +253,83 @@ async def test_PTI_caller_input_id_is_kept_and_idempotent(store: Store) -> None:
         await store.enqueue_input(draft("other", "x", input_id="ti_mine"))
     assert len(await store.list_inputs("s")) == 1
     assert await store.list_inputs("other") == []
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def admission(outcome: object) -> InputAdmission:
+    assert isinstance(outcome, InputAdmission), outcome
+    return outcome
+
+
+def kind(outcome: object) -> str:
+    return outcome.status.value if isinstance(outcome, InputAdmission) else type(outcome).__name__
+
+
+def first_text(record: PendingTurnInput) -> str:
+    item = record.input.items[0]
+    assert isinstance(item, TextItem)
+    return item.text
+
+
+async def test_batch_admission_matches_one_by_one_admission(store: Store) -> None:
+    """``enqueue_inputs``: per draft the outcome ``enqueue_input`` would give, in order;
+    a session's inputs keep the batch's order; events are gapless per session."""
+    lease = await lease_for(store, "s")
+    start = await store.start_turn(lease.fence(), "t1", require_inputs=False)
+    assert start is not None
+    await store.enqueue_input(draft("s", "before", source_key="kb"))
+    outcomes = await store.enqueue_inputs(
+        [
+            draft("t", "t-one", source_key="k1"),
+            draft("s", "s-one", source_key="k2"),
+            draft("t", "t-two", source_key="k3"),
+            draft("s", "before", source_key="kb"),  # exact replay: duplicate
+            draft("s", "other", source_key="kb"),  # same key, other content: conflict
+            draft("s", "steer", source_key="k4", ingress=active("t1")),
+            draft("u", "u-one", source_key="k1"),  # same key, other session: independent
+            draft("t", "t-one", source_key="k1"),  # replay inside the batch: duplicate
+        ]
+    )
+    assert [kind(o) for o in outcomes] == [
+        "admitted",
+        "admitted",
+        "admitted",
+        "duplicate",
+        "SourceKeyConflict",
+        "admitted",
+        "admitted",
+        "duplicate",
+    ]
+    assert admission(outcomes[7]).record.input_id == admission(outcomes[0]).record.input_id
+    # Steering aimed at the running turn stays active-turn input, as one by one.
+    assert admission(outcomes[5]).record.state is InputState.PENDING_ACTIVE
+    for session_id, texts in (("s", ["before", "s-one", "steer"]), ("t", ["t-one", "t-two"])):
+        pending = await store.list_pending_inputs(session_id)
+        assert [first_text(p) for p in pending] == texts
+        seqs = [p.enqueue_seq for p in pending]
+        assert seqs == sorted(seqs)
+        events = (await store.events_after(session_id, 0)).events
+        assert [e.seq for e in events] == list(range(1, len(events) + 1))
+        admitted_ids = [
+            e.payload.input.input_id for e in events if isinstance(e.payload, InputAdmitted)
+        ]
+        assert admitted_ids == [p.input_id for p in pending]
+    for outcome in outcomes:
+        if isinstance(outcome, InputAdmission) and outcome.status is AdmissionStatus.ADMITTED:
+            event = outcome.event
+            assert event is not None
+            stored = await store.events_after(outcome.record.session_id, event.seq - 1, limit=1)
+            assert stored.events == [event]
+
+
+async def test_batch_admission_of_replays_only_writes_nothing(store: Store) -> None:
+    first = await store.enqueue_inputs([draft("s", "a", source_key="k"), draft("t", "b")])
+    last_seq = (await store.events_after("s", 0)).last_seq
+    again = await store.enqueue_inputs(
+        [draft("s", "a", source_key="k"), draft("s", "a", source_key="k")]
+    )
+    assert [kind(o) for o in again] == ["duplicate", "duplicate"]
+    assert {admission(o).record.input_id for o in again} == {admission(first[0]).record.input_id}
+    assert (await store.events_after("s", 0)).last_seq == last_seq

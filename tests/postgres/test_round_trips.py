@@ -6,10 +6,12 @@ counted. A regression here means an extra network round trip on every turn.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+
 from lash_core.commit import FinalTurn, RuntimeCommit
 from lash_core.outcomes import AssistantMessageFinish, Finished, Usage
 from lash_core.store.postgres import PostgresStore
@@ -73,3 +75,38 @@ async def test_hot_path_statement_counts(stores: tuple[PostgresStore, PostgresSt
     assert (await store.read_lease(s)).lease_token is None  # type: ignore[union-attr]
     replay = await store.commit(final)
     assert replay.replayed and replay.head_revision == 1 and replay.events == result.events
+
+
+async def test_batch_admission_is_three_statements_whatever_its_size(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    store, _ = stores
+    sessions = [sid() for _ in range(5)]
+    drafts = [draft(s, f"m{i}", source_key=f"k{i}") for i in range(4) for s in sessions]
+    with counting(store) as seen:
+        outcomes = await store.enqueue_inputs(drafts)
+    assert len(outcomes) == 20
+    assert len(seen) == 3, seen
+
+
+async def test_concurrent_overlapping_batches_admit_everything_once(
+    stores: tuple[PostgresStore, PostgresStore],
+) -> None:
+    """Eight batches on two pools over the same sessions, in opposite session orders, at
+    once: no deadlock, every input admitted once, each session's events gapless."""
+    a, b = stores
+    sessions = [sid() for _ in range(6)]
+    batches = [
+        [draft(s, f"{n}-{i}", source_key=f"{n}-{i}") for i in range(3) for s in order]
+        for n, order in enumerate([sessions, sessions[::-1]] * 4)
+    ]
+    results = await asyncio.gather(
+        *((a if n % 2 else b).enqueue_inputs(batch) for n, batch in enumerate(batches))
+    )
+    assert all(o.status.value == "admitted" for r in results for o in r)  # type: ignore[union-attr]
+    for s in sessions:
+        pending = await a.list_pending_inputs(s)
+        assert len(pending) == 8 * 3
+        assert len({p.source_key for p in pending}) == 8 * 3
+        page = await a.events_after(s, 0)
+        assert [e.seq for e in page.events] == list(range(1, 8 * 3 + 1))

@@ -33,6 +33,7 @@ from lash_core.commands import CommandDraft, CommandState, QueuedCommand, same_c
 from lash_core.commit import CommitResult, RuntimeCommit
 from lash_core.errors import (
     HeadRevisionConflict,
+    InvalidRequest,
     LashError,
     LeaseLost,
     RetryableStoreError,
@@ -342,6 +343,69 @@ _ADMISSION_GATE_AND_SEQ = text(_ADMISSION_GATE.format(seq=", nextval('lash_enque
 _COMMAND_ADMISSION_GATE = text(_ADMISSION_GATE.format(seq=""))
 
 
+#: The admission gate of a batch: every session's lease row FOR SHARE (or, without one, the
+#: shared advisory lock), taken row by row in the order of ``:sids`` (sorted by the caller).
+_BATCH_GATE = text(f"""
+    SELECT {NOW_SQL} AS now_ms, s.sid, x.lease,
+        CASE WHEN x.lease IS NULL THEN (SELECT true
+            FROM pg_advisory_xact_lock_shared(hashtextextended(s.sid, 0))) END AS gated
+    FROM unnest(CAST(:sids AS text[])) WITH ORDINALITY AS s(sid, ord)
+    CROSS JOIN LATERAL (SELECT (SELECT row_to_json(l) FROM lash_leases l
+        WHERE l.session_id = s.sid FOR SHARE) AS lease) x
+    ORDER BY s.ord
+""")
+#: ``:n`` admission seqs, ascending, drawn after the batch's gate (its own statement).
+_BATCH_SEQS = text("SELECT nextval('lash_enqueue_seq') FROM generate_series(1, :n) ORDER BY 1")
+#: A batch's rows; for the sessions that got rows: the seqs on the session row (in session
+#: order), one ``input.admitted`` event per row numbered in ``enqueue_seq`` order, and the
+#: ``work`` and ``events`` wake-ups. Returns each landed row's event seq and revision.
+_BATCH_INSERT = text("""
+    WITH ins AS (
+        INSERT INTO lash_pending_inputs (input_id, session_id, enqueue_seq, source_key,
+            ingress, submitted_ingress, state, input, enqueued_at_ms)
+        SELECT v.input_id, v.session_id, v.seq, v.source_key, CAST(v.ingress AS jsonb),
+            CAST(v.submitted AS jsonb), v.state, CAST(v.input AS jsonb), :now
+        FROM unnest(CAST(:ids AS text[]), CAST(:sids AS text[]), CAST(:seqs AS bigint[]),
+            CAST(:keys AS text[]), CAST(:ingress AS text[]), CAST(:submitted AS text[]),
+            CAST(:states AS text[]), CAST(:inputs AS text[]))
+            WITH ORDINALITY AS v(input_id, session_id, seq, source_key, ingress, submitted,
+                state, input, ord)
+        ORDER BY v.ord
+        ON CONFLICT DO NOTHING
+        RETURNING input_id, session_id, enqueue_seq),
+    cnt AS (SELECT session_id, count(*) AS n FROM ins GROUP BY session_id),
+    ses AS (
+        INSERT INTO lash_sessions (session_id, last_seq, created_at_ms, updated_at_ms)
+        SELECT session_id, n, :now, :now FROM cnt ORDER BY session_id
+        ON CONFLICT (session_id) DO UPDATE
+            SET last_seq = lash_sessions.last_seq + EXCLUDED.last_seq, updated_at_ms = :now
+        RETURNING session_id, last_seq, head_revision),
+    numbered AS (
+        SELECT ins.input_id, ins.session_id, ses.head_revision,
+            ses.last_seq - cnt.n
+                + row_number() OVER (PARTITION BY ins.session_id ORDER BY ins.enqueue_seq)
+                AS seq
+        FROM ins JOIN cnt USING (session_id) JOIN ses USING (session_id)),
+    ev AS (
+        INSERT INTO lash_events (session_id, seq, revision, type, payload, created_at_ms,
+            shard)
+        SELECT n.session_id, n.seq, n.head_revision, 'input.admitted', CAST(p.payload AS jsonb),
+            :now, p.shard
+        FROM numbered n JOIN unnest(CAST(:ids AS text[]), CAST(:payloads AS text[]),
+            CAST(:shards AS bigint[])) AS p(input_id, payload, shard)
+            ON p.input_id = n.input_id
+        RETURNING 1),
+    woken AS (
+        SELECT count(pg_notify(:ch, w.work)) + count(pg_notify(:ch, w.events)) AS n
+        FROM unnest(CAST(:note_sids AS text[]), CAST(:note_work AS text[]),
+            CAST(:note_events AS text[])) AS w(session_id, work, events)
+        WHERE w.session_id IN (SELECT session_id FROM cnt))
+    SELECT n.input_id, n.session_id, n.seq, n.head_revision AS revision,
+        (SELECT count(*) FROM ev) AS events, (SELECT n FROM woken) AS woken
+    FROM numbered n
+""")
+
+
 class _Rollback(Exception):
     """Raised inside a transaction to undo it and return ``None`` to the caller."""
 
@@ -611,6 +675,99 @@ class PostgresStore(Store):
                 event=event,
                 held_by=lease.owner if lease is not None and lease.is_live(now) else None,
             )
+
+    async def enqueue_inputs(
+        self, drafts: Sequence[TurnInputDraft]
+    ) -> list[InputAdmission | SourceKeyConflict | InvalidRequest]:
+        """Admit a batch in one transaction of three statements, whatever its size: the
+        admission gate of every session, the ``enqueue_seq`` values (drawn after the gate,
+        as for one input), and the rows, session seqs, ``input.admitted`` events and
+        wake-ups. A duplicate or conflicting draft costs one more read. Sessions are gated
+        and written in session-id order, so concurrent batches lock in the same order."""
+        if len(drafts) <= 1:
+            return await super().enqueue_inputs(drafts)
+        # Stable: a session's drafts keep their order, hence their enqueue_seq order.
+        order = sorted(range(len(drafts)), key=lambda i: drafts[i].session_id)
+        sessions = sorted({d.session_id for d in drafts})
+        outcomes: list[InputAdmission | SourceKeyConflict | InvalidRequest | None] = [None] * len(
+            drafts
+        )
+        async with self._tx() as conn:
+            gate = await conn.execute(_BATCH_GATE, {"sids": sessions})
+            now = 0
+            leases: dict[str, LeaseRow | None] = {}
+            for row in gate:
+                now = int(row.now_ms)
+                leases[row.sid] = lease_from_json(row.lease)
+            seqs = (await conn.execute(_BATCH_SEQS, {"n": len(drafts)})).all()
+            records: list[PendingTurnInput] = []
+            for position, index in enumerate(order):
+                draft = drafts[index]
+                lease = leases[draft.session_id]
+                running = lease.running_turn_id if lease and lease.is_live(now) else None
+                ingress = rules.admitted_ingress(draft.ingress, running)
+                records.append(
+                    PendingTurnInput(
+                        input_id=draft.input_id or self._ids.new_id("ti_"),
+                        session_id=draft.session_id,
+                        source_key=draft.source_key,
+                        ingress=ingress,
+                        submitted_ingress=draft.ingress,
+                        state=rules.initial_state(ingress),
+                        enqueue_seq=int(seqs[position][0]),
+                        input=draft.input,
+                        enqueued_at_ms=now,
+                    )
+                )
+            payloads = [InputAdmitted(input=r.public()) for r in records]
+            inserted = await conn.execute(
+                _BATCH_INSERT,
+                {
+                    "now": now,
+                    "ch": notify.CHANNEL,
+                    "ids": [r.input_id for r in records],
+                    "sids": [r.session_id for r in records],
+                    "seqs": [r.enqueue_seq for r in records],
+                    "keys": [r.source_key for r in records],
+                    "ingress": [dumps(r.ingress.model_dump(mode="json")) for r in records],
+                    "submitted": [
+                        dumps(r.submitted_ingress.model_dump(mode="json")) for r in records
+                    ],
+                    "states": [r.state.value for r in records],
+                    "inputs": [dumps(r.input.model_dump(mode="json")) for r in records],
+                    "payloads": [dumps(p.model_dump(mode="json")) for p in payloads],
+                    "shards": [session_shard(r.session_id) for r in records],
+                    "note_sids": sessions,
+                    "note_work": [notify.payload("work", sid) for sid in sessions],
+                    "note_events": [notify.payload("events", sid) for sid in sessions],
+                },
+            )
+            landed = {row.input_id: row for row in inserted if row.input_id is not None}
+            for index, record, payload in zip(order, records, payloads, strict=True):
+                draft = drafts[index]
+                row = landed.get(record.input_id)
+                if row is None or row.session_id != record.session_id:
+                    try:
+                        outcomes[index] = await self._existing_admission(
+                            conn, draft, record.input_id
+                        )
+                    except (SourceKeyConflict, InvalidRequest) as exc:
+                        outcomes[index] = exc
+                    continue
+                lease = leases[record.session_id]
+                outcomes[index] = InputAdmission(
+                    status=AdmissionStatus.ADMITTED,
+                    record=record,
+                    event=DurableEvent(
+                        session_id=record.session_id,
+                        seq=int(row.seq),
+                        revision=int(row.revision),
+                        payload=payload,
+                        created_at_ms=now,
+                    ),
+                    held_by=lease.owner if lease is not None and lease.is_live(now) else None,
+                )
+        return [o for o in outcomes if o is not None]
 
     async def _existing_admission(
         self, conn: Connection, draft: TurnInputDraft, input_id: str
