@@ -1,12 +1,12 @@
 """Database round trips of one drained turn, end to end through ``SessionDriver.drain``.
 
 Counts the statements the store sends (``Database.add_listener``; BEGIN/COMMIT are not
-statements) and the transactions it begins (``add_begin_listener``), attributed to the store operation that sent
-them, for a drain of a session holding one next-turn input: the first drain of a new
-session and a drain of a session that already has history (the steady state). Counts are
-deterministic, so the test asserts upper bounds on them; it prints the per-operation
-breakdown and the wall time of draining 200 single-input sessions, but never asserts a
-timing.
+statements) and the transactions it begins (``add_begin_listener``), attributed to the store
+operation that sent them, for a drain of a session holding one next-turn input: the first
+drain of a new session and a drain of a session that already has history (the steady state).
+Counts are deterministic, so the test asserts upper bounds on them; it prints the per-
+operation breakdown and the wall time of draining 200 single-input sessions, but never
+asserts a timing.
 """
 
 from __future__ import annotations
