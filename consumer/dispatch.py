@@ -129,11 +129,14 @@ class Dispatcher:
     # ------------------------------------------------------------------ draining
 
     async def _drain_loop(self, session_id: str) -> None:
+        # The first round drains without asking: every kick comes with evidence of work
+        # (an admission here, or a check that just found it orphaned), and under load,
+        # when drains wait for slots, asking first cost a statement per turn to save a
+        # one-transaction idle acquisition only in the rare case that the work went.
         fresh = True
         try:
             while not self._closing:
                 self._again.discard(session_id)
-                fresh = fresh and not self._slots.locked()
                 async with self._slots:
                     if self._closing:
                         return
@@ -149,10 +152,9 @@ class Dispatcher:
     async def _still_orphaned(self, session_id: str) -> bool:
         """Whether a session still has work and no live lease (one statement).
 
-        Asked before a drain that waited for a slot or goes round again: meanwhile another
-        worker may have drained the work or be draining it now, and a drain that finds
-        nothing still costs a lease acquisition, a start attempt, a release and a look
-        for work."""
+        Asked before a drain goes round again (it was kicked while draining): the drain
+        that just ended has usually taken that work already, or another worker may be
+        draining it now."""
         self.probes += 1
         try:
             found = await self._store.sessions_with_orphaned_work(1, among=(session_id,))

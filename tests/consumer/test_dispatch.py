@@ -117,7 +117,9 @@ async def test_admission_kicks_drain_without_any_query(
     assert dispatcher.drains == 1 and dispatcher.turns == 1
 
 
-async def test_a_drain_that_waited_for_a_slot_first_asks_whether_work_is_left() -> None:
+async def test_a_drain_that_waited_for_a_slot_runs_without_asking_first() -> None:
+    """Kicks carry evidence of work: a queued drain does not query before it runs; one whose
+    work went finds nothing in its (only-if-work) acquisition and takes no lease."""
     store = CountingStore()
     dispatcher = Dispatcher(
         SessionDriver(store, agent(), owner("w1")), store, concurrency=1, sweep_interval_s=60.0
@@ -125,11 +127,12 @@ async def test_a_drain_that_waited_for_a_slot_first_asks_whether_work_is_left() 
     await admit(store, "first")
     await admit(store, "second")
     dispatcher.kick("first")
-    dispatcher.kick("second")  # queued behind "first": asks before draining
-    dispatcher.kick("nothing")  # queued too, and has no work: never drained
+    dispatcher.kick("second")  # queued behind "first"
+    dispatcher.kick("nothing")  # queued too, and has no work: an idle drain
     await wait_until(lambda: _true(dispatcher.draining_sessions == set()))
     assert dispatcher.turns == 2
-    assert dispatcher.drains == 2
-    assert dispatcher.probes == 2
-    assert store.checks == [{"second"}, {"nothing"}]
+    assert dispatcher.drains == 3
+    assert dispatcher.probes == 0
+    assert store.checks == []
+    assert await store.read_lease("nothing") is None
     await dispatcher.shutdown(1.0)
