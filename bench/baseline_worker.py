@@ -1,7 +1,7 @@
 """The raw baseline consumer: the least work that still keeps the admission guarantee.
 
-It consumes the same ``turn_input.submit`` bodies as the real workers (prefetch =
-concurrency, the same number of concurrent handlers), commits one
+It consumes the same ``turn_input.submit`` bodies as the real workers (the same prefetch
+as a worker of the same concurrency, and that many concurrent handlers), commits one
 ``INSERT ... ON CONFLICT DO NOTHING`` per message into a table keyed like the pipeline's
 inputs (``session_id``, ``source_key``), publishes a small confirmation to a fanout
 exchange (with publisher confirms, as the pipeline's outbox does) and acks only after the
@@ -9,7 +9,8 @@ commit. The benchmark observes that confirmation exactly as it observes
 ``turn.committed``, so the two are measured the same way.
 
 Run as a process by the benchmark: ``python -m bench.baseline_worker`` with
-``BENCH_DATABASE_URL``, ``BENCH_AMQP_URL``, ``BENCH_NAMESPACE`` and ``BENCH_CONCURRENCY``.
+``BENCH_DATABASE_URL``, ``BENCH_AMQP_URL``, ``BENCH_NAMESPACE``, ``BENCH_CONCURRENCY`` and
+``BENCH_PREFETCH`` (default: the concurrency).
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ async def declare_topology(channel: AbstractChannel, namespace: str) -> list[str
     return [ingress_name(namespace), observations_name(namespace)]
 
 
-async def serve(database_url: str, amqp_url: str, namespace: str, concurrency: int) -> None:
+async def serve(
+    database_url: str, amqp_url: str, namespace: str, concurrency: int, prefetch: int
+) -> None:
     """Consume until SIGTERM/SIGINT."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -85,7 +88,7 @@ async def serve(database_url: str, amqp_url: str, namespace: str, concurrency: i
     connection = await aio_pika.connect(amqp_url)
     try:
         consume_channel = await connection.channel()
-        await consume_channel.set_qos(prefetch_count=concurrency)
+        await consume_channel.set_qos(prefetch_count=prefetch)
         publish_channel = await connection.channel(publisher_confirms=True)
         observations = await publish_channel.get_exchange(observations_name(namespace))
         queue = await consume_channel.get_queue(ingress_name(namespace))
@@ -139,11 +142,13 @@ async def serve(database_url: str, amqp_url: str, namespace: str, concurrency: i
 
 
 def main() -> None:
+    concurrency = int(os.environ.get("BENCH_CONCURRENCY", "16"))
     settings = (
         os.environ["BENCH_DATABASE_URL"],
         os.environ["BENCH_AMQP_URL"],
         os.environ["BENCH_NAMESPACE"],
-        int(os.environ.get("BENCH_CONCURRENCY", "16")),
+        concurrency,
+        int(os.environ.get("BENCH_PREFETCH", str(concurrency))),
     )
     try:
         import uvloop

@@ -15,6 +15,7 @@ from bench import baseline_worker
 from bench.procs import process_env, python_module
 from bench.tracker import CommitTracker
 from bench.workload import SUBMIT_TYPE
+from consumer.settings import default_prefetch
 
 WORKER_MODULE = "consumer.cli"
 
@@ -133,6 +134,8 @@ class BaselineTarget:
             "BENCH_AMQP_URL": amqp_url,
             "BENCH_NAMESPACE": namespace,
             "BENCH_CONCURRENCY": str(concurrency),
+            # The prefetch a worker of this concurrency uses: the same messages in flight.
+            "BENCH_PREFETCH": str(default_prefetch(concurrency)),
         }
         return python_module("bench.baseline_worker"), process_env(env)
 

@@ -18,6 +18,12 @@ def _hostname() -> str:
     return socket.gethostname() or "lash-worker"
 
 
+def default_prefetch(concurrency: int) -> int:
+    """The AMQP prefetch of a worker that runs ``concurrency`` sessions at once (unless
+    ``LASH_PREFETCH`` says otherwise); the benchmark gives its baseline the same."""
+    return 2 * concurrency
+
+
 class Settings(BaseSettings):
     """One worker's settings. Read once at start; never logged with secrets."""
 
@@ -59,7 +65,7 @@ class Settings(BaseSettings):
         Admission is short (one transaction, then ack); twice the concurrency keeps the
         admission pipeline busy while every drain slot is in use.
         """
-        return self.prefetch if self.prefetch > 0 else 2 * self.concurrency
+        return self.prefetch if self.prefetch > 0 else default_prefetch(self.concurrency)
 
     def public(self) -> dict[str, object]:
         """The settings as logged at start: secrets masked, URLs without passwords."""
