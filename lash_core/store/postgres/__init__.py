@@ -1,4 +1,5 @@
-"""The PostgreSQL implementation of the lash store (SQLAlchemy async Core on psycopg 3)."""
+"""The PostgreSQL implementation of the lash store (psycopg 3 pool at run time; SQLAlchemy
+and Alembic for the schema and migrations)."""
 
 from lash_core.store.postgres.migrate import migrate, upgrade
 from lash_core.store.postgres.store import PostgresStore

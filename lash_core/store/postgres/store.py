@@ -411,7 +411,7 @@ class _Rollback(Exception):
 
 
 class PostgresStore(Store):
-    """:class:`~lash_core.store.base.Store` on PostgreSQL via SQLAlchemy async Core + psycopg 3."""
+    """:class:`~lash_core.store.base.Store` on PostgreSQL via a psycopg 3 pool (see ``db.py``)."""
 
     def __init__(
         self,
