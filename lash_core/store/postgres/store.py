@@ -406,6 +406,25 @@ _BATCH_INSERT = text("""
 """)
 
 
+def _admitted_record(
+    draft: TurnInputDraft, input_id: str, seq: int, lease: LeaseRow | None, now: int
+) -> PendingTurnInput:
+    """The record an admission writes, given the session's lease as its gate read it."""
+    running = lease.running_turn_id if lease and lease.is_live(now) else None
+    ingress = rules.admitted_ingress(draft.ingress, running)
+    return PendingTurnInput(
+        input_id=input_id,
+        session_id=draft.session_id,
+        source_key=draft.source_key,
+        ingress=ingress,
+        submitted_ingress=draft.ingress,
+        state=rules.initial_state(ingress),
+        enqueue_seq=seq,
+        input=draft.input,
+        enqueued_at_ms=now,
+    )
+
+
 class _Rollback(Exception):
     """Raised inside a transaction to undo it and return ``None`` to the caller."""
 
@@ -617,19 +636,7 @@ class PostgresStore(Store):
             # admission (row, session, event, wake-ups) is one more statement.
             row = (await conn.execute(_ADMISSION_GATE_AND_SEQ, {"s": sid})).one()
             now, lease = int(row.now_ms), lease_from_json(row.lease)
-            running = lease.running_turn_id if lease and lease.is_live(now) else None
-            ingress = rules.admitted_ingress(draft.ingress, running)
-            record = PendingTurnInput(
-                input_id=input_id,
-                session_id=sid,
-                source_key=draft.source_key,
-                ingress=ingress,
-                submitted_ingress=draft.ingress,
-                state=rules.initial_state(ingress),
-                enqueue_seq=int(row.seq),
-                input=draft.input,
-                enqueued_at_ms=now,
-            )
+            record = _admitted_record(draft, input_id, int(row.seq), lease, now)
             payload = InputAdmitted(input=record.public())
             params, values, calls = _event_params(sid, now, [payload], [("work", None)])
             params.update(
@@ -637,7 +644,7 @@ class PostgresStore(Store):
                     "id": input_id,
                     "seq": record.enqueue_seq,
                     "key": draft.source_key,
-                    "ingress": dumps(ingress.model_dump(mode="json")),
+                    "ingress": dumps(record.ingress.model_dump(mode="json")),
                     "submitted": dumps(draft.ingress.model_dump(mode="json")),
                     "state": record.state.value,
                     "input": dumps(draft.input.model_dump(mode="json")),
@@ -703,20 +710,13 @@ class PostgresStore(Store):
             records: list[PendingTurnInput] = []
             for position, index in enumerate(order):
                 draft = drafts[index]
-                lease = leases[draft.session_id]
-                running = lease.running_turn_id if lease and lease.is_live(now) else None
-                ingress = rules.admitted_ingress(draft.ingress, running)
                 records.append(
-                    PendingTurnInput(
-                        input_id=draft.input_id or self._ids.new_id("ti_"),
-                        session_id=draft.session_id,
-                        source_key=draft.source_key,
-                        ingress=ingress,
-                        submitted_ingress=draft.ingress,
-                        state=rules.initial_state(ingress),
-                        enqueue_seq=int(seqs[position][0]),
-                        input=draft.input,
-                        enqueued_at_ms=now,
+                    _admitted_record(
+                        draft,
+                        draft.input_id or self._ids.new_id("ti_"),
+                        int(seqs[position][0]),
+                        leases[draft.session_id],
+                        now,
                     )
                 )
             payloads = [InputAdmitted(input=r.public()) for r in records]
