@@ -6,7 +6,8 @@ trip latency): a raw baseline transaction with one ``INSERT ... ON CONFLICT DO N
 a plain psycopg connection, ``enqueue_input`` (admission), the turn start
 ``acquire_and_start_turn`` (lease + claim + ``turn.started`` in one transaction), and the
 final ``commit`` with the idle release (graph append, claim completion, deferral, stamp,
-events, release). Statements per operation are counted with the store's statement listener.
+events, release). Statements per operation are counted with the store's statement listener, and the
+client CPU per call (``time.process_time``) is shown beside them.
 Nothing here is asserted; it prints a table.
 """
 
@@ -47,20 +48,24 @@ class _Counter:
 
 async def _time(
     n: int, op: Callable[[int], Awaitable[None]], counter: _Counter
-) -> tuple[list[float], float]:
+) -> tuple[list[float], float, float]:
+    """Wall-clock samples (ms), statements per call and client CPU per call (ms)."""
     samples: list[float] = []
     before = counter.statements
+    cpu0 = time.process_time()
     for i in range(n):
         t0 = time.perf_counter()
         await op(i)
         samples.append((time.perf_counter() - t0) * 1000)
-    return samples, (counter.statements - before) / n
+    cpu = (time.process_time() - cpu0) * 1000 / n
+    return samples, (counter.statements - before) / n, cpu
 
 
-def _row(name: str, samples: list[float], statements: float) -> str:
+def _row(name: str, samples: list[float], statements: float, cpu: float) -> str:
     q = statistics.quantiles(samples, n=100)
     return (
-        f"{name:<28} {statistics.fmean(samples):7.2f} {q[49]:7.2f} {q[98]:7.2f} {statements:6.1f}"
+        f"{name:<28} {statistics.fmean(samples):7.2f} {q[49]:7.2f} {q[98]:7.2f}"
+        f" {statements:6.1f} {cpu:7.3f}"
     )
 
 
@@ -133,6 +138,7 @@ async def run(url: str, n: int) -> None:
 
     print(
         f"{'operation (ms, n=' + str(n) + ')':<28} {'mean':>7} {'p50':>7} {'p99':>7} {'stmts':>6}"
+        f" {'cpu ms':>7}"
     )
     for name, op in (
         ("raw INSERT transaction", baseline),
@@ -140,8 +146,8 @@ async def run(url: str, n: int) -> None:
         ("acquire_and_start_turn", start),
         ("commit + idle release", commit),
     ):
-        samples, statements = await _time(n, op, counter)
-        print(_row(name, samples, statements))
+        samples, statements, cpu = await _time(n, op, counter)
+        print(_row(name, samples, statements, cpu))
     await raw.close()
     await store.close()
 

@@ -165,7 +165,10 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert (s.lease_ttl_ms, s.max_message_bytes, s.concurrency) == (30000, 1048576, 16)
     assert (s.prefetch, s.max_deliveries, s.http_port) == (0, 5, 8080)
     assert (s.log_format, s.log_level, s.tracing) == ("auto", "info", "off")
-    assert s.effective_prefetch == 32
+    assert s.effective_prefetch == 256
+    monkeypatch.setenv("LASH_CONCURRENCY", "200")
+    assert Settings().effective_prefetch == 400
+    monkeypatch.delenv("LASH_CONCURRENCY")
     assert s.owner_id
     monkeypatch.setenv("LASH_OPENAI_API_KEY", "sk-secret")
     monkeypatch.setenv("LASH_PREFETCH", "7")

@@ -193,20 +193,22 @@ def _numbered(
     ]
 
 
-#: Writes state, ingress and claim columns of the rows named in ``:w_ids`` (arrays bound by
-#: :func:`_input_write_params`); usable alone or as a CTE of a larger statement.
+#: Writes state, ingress and claim columns of the rows in ``:w_rows`` (a JSON array built
+#: by :func:`_input_write_params`: one parameter, which costs far less to bind than a column
+#: array each); usable alone or as a CTE of a larger statement.
 _WRITE_INPUTS_SQL = """
     UPDATE lash_pending_inputs AS p SET state = v.state, ingress = CAST(v.ingress AS jsonb),
         terminal_at_ms = v.terminal_at_ms, claim_id = v.claim_id,
-        claim_owner_id = v.owner_id, claim_owner_incarnation_id = v.incarnation_id,
-        claim_owner_liveness = CAST(v.liveness AS jsonb), claim_token = v.claim_token,
-        claim_fencing_token = v.fencing, claim_session_lease_generation = v.generation
-    FROM unnest(CAST(:w_ids AS text[]), CAST(:w_states AS text[]), CAST(:w_ingress AS text[]),
-        CAST(:w_terminal AS bigint[]), CAST(:w_claim_ids AS text[]), CAST(:w_owners AS text[]),
-        CAST(:w_incarnations AS text[]), CAST(:w_liveness AS text[]), CAST(:w_tokens AS text[]),
-        CAST(:w_fencing AS bigint[]), CAST(:w_generations AS bigint[]))
-        AS v(input_id, state, ingress, terminal_at_ms, claim_id, owner_id, incarnation_id,
-             liveness, claim_token, fencing, generation)
+        claim_owner_id = v.claim_owner_id,
+        claim_owner_incarnation_id = v.claim_owner_incarnation_id,
+        claim_owner_liveness = CAST(v.claim_owner_liveness AS jsonb),
+        claim_token = v.claim_token, claim_fencing_token = v.fencing,
+        claim_session_lease_generation = v.claim_session_lease_generation
+    FROM jsonb_to_recordset(CAST(:w_rows AS jsonb))
+        AS v(input_id text, state text, ingress text, terminal_at_ms bigint, fencing bigint,
+             claim_id text, claim_owner_id text, claim_owner_incarnation_id text,
+             claim_owner_liveness text, claim_token text,
+             claim_session_lease_generation bigint)
     WHERE p.input_id = v.input_id AND p.session_id = :w_s
     RETURNING p.input_id
 """
@@ -216,21 +218,18 @@ _WRITE_INPUTS = text(_WRITE_INPUTS_SQL)
 def _input_write_params(
     session_id: str, records: Sequence[PendingTurnInput], now: int
 ) -> dict[str, Any]:
-    claims = [claim_params(r.claim) for r in records]
-    return {
-        "w_s": session_id,
-        "w_ids": [r.input_id for r in records],
-        "w_states": [r.state.value for r in records],
-        "w_ingress": [dumps(r.ingress.model_dump(mode="json")) for r in records],
-        "w_terminal": [now if r.state in rules.TERMINAL_STATES else None for r in records],
-        "w_claim_ids": [c["claim_id"] for c in claims],
-        "w_owners": [c["claim_owner_id"] for c in claims],
-        "w_incarnations": [c["claim_owner_incarnation_id"] for c in claims],
-        "w_liveness": [c["claim_owner_liveness"] for c in claims],
-        "w_tokens": [c["claim_token"] for c in claims],
-        "w_fencing": [r.claim_fencing_token for r in records],
-        "w_generations": [c["claim_session_lease_generation"] for c in claims],
-    }
+    rows = [
+        {
+            "input_id": r.input_id,
+            "state": r.state.value,
+            "ingress": dumps(r.ingress.model_dump(mode="json")),
+            "terminal_at_ms": now if r.state in rules.TERMINAL_STATES else None,
+            "fencing": r.claim_fencing_token,
+            **claim_params(r.claim),
+        }
+        for r in records
+    ]
+    return {"w_s": session_id, "w_rows": dumps(rows)}
 
 
 #: ``inputs.OPEN_STATES`` as an SQL list: rows that keep a session busy.
@@ -258,9 +257,9 @@ _COMPLETE_AND_DEFER = text(
     """
                 WITH graph AS (
                     INSERT INTO lash_nodes (session_id, node_id, ordinal, node)
-                    SELECT :s, n.id, :base + n.ord, CAST(n.body AS jsonb)
-                    FROM unnest(CAST(:node_ids AS text[]), CAST(:bodies AS text[]))
-                        WITH ORDINALITY AS n(id, body, ord)
+                    SELECT :s, n.body->>'node_id', :base + n.ord, n.body
+                    FROM jsonb_array_elements(CAST(:nodes AS jsonb))
+                        WITH ORDINALITY AS n(body, ord)
                     ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,
                         ordinal = EXCLUDED.ordinal
                     RETURNING 1),
@@ -473,7 +472,8 @@ class PostgresStore(Store):
                 min_size=min(self._pool_size, 2),
                 max_size=self._pool_size + self._max_overflow,
                 options=f"-c lock_timeout={self._lock_timeout_ms}"
-                f" -c statement_timeout={self._statement_timeout_ms}",
+                f" -c statement_timeout={self._statement_timeout_ms}"
+                " -c plan_cache_mode=force_generic_plan",
             )
             await db.open()
             self._db = db
@@ -1591,6 +1591,7 @@ class PostgresStore(Store):
             notes,
             released or lease if released or commit.turn else None,
             now,
+            commit_hash,
         )
         return result
 
@@ -1604,8 +1605,10 @@ class PostgresStore(Store):
         notes: Sequence[Note],
         lease: LeaseRow | None,
         now: int,
+        commit_hash: str | None,
     ) -> None:
-        """One statement: head CAS + session fields, events, stamp, lease row, wake-ups."""
+        """One statement: head CAS + session fields, events, stamp, lease row, wake-ups
+        (``commit_hash``: the turn's, computed once by the caller)."""
         sid = commit.session_id
         params, values, calls = _event_params(sid, now, payloads, notes)
         head = result.head_revision
@@ -1652,7 +1655,7 @@ class PostgresStore(Store):
             params.update(
                 {
                     "tid": commit.turn.turn_id,
-                    "hash": commit.commit_hash(),
+                    "hash": commit_hash,
                     "result": dumps(result.model_dump(mode="json")),
                 }
             )
@@ -1703,8 +1706,7 @@ class PostgresStore(Store):
                 "turn": commit.defer_active_inputs_of_turn,
                 # Revision-major ordinals keep insertion order across commits.
                 "base": revision << 20,
-                "node_ids": [n.node_id for n in nodes],
-                "bodies": [dumps(n.model_dump(mode="json")) for n in nodes],
+                "nodes": dumps([n.model_dump(mode="json") for n in nodes]),
                 "probe": commit.release_lease_if_idle,
             },
         )
