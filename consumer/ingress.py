@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import json
 from collections import Counter, OrderedDict, deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from consumer.admission import Admission, SubmitOutcome
 from consumer.observability.logs import get_logger
 from consumer.observability.metrics import ADMISSIONS, DEAD_LETTERS, MESSAGES
 from consumer.topology import Topology
+from lash_core import jsontext
 from lash_core.errors import RetryableStoreError
 
 log = get_logger(__name__)
@@ -436,7 +436,7 @@ class IngressConsumer:
     async def _reply(self, request: AbstractIncomingMessage, reply: wire.Reply) -> None:
         if not request.reply_to:
             return
-        body = json.dumps(reply.to_wire(), ensure_ascii=False).encode("utf-8")
+        body = jsontext.dumpb(reply.to_wire())
         await self._publish.default_exchange.publish(
             aio_pika.Message(
                 body,

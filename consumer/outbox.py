@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import random
 import time
 import zlib
@@ -38,6 +37,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange
 from consumer.observability.logs import get_logger
 from consumer.observability.metrics import OUTBOX_BACKLOG, OUTBOX_LAG, OUTBOX_PUBLISHED
 from consumer.observability.tracing import span
+from lash_core import jsontext
 from lash_core.events import DurableEvent, TurnActivity
 from lash_core.store.base import Notification, Store
 from lash_core.store.postgres import notify
@@ -91,7 +91,7 @@ async def send(exchange: AbstractExchange, message: aio_pika.Message, routing_ke
 def event_message(event: DurableEvent) -> aio_pika.Message:
     """The AMQP message of one durable event (CONTRACT.md "Observation events")."""
     return aio_pika.Message(
-        json.dumps(event.to_wire(), ensure_ascii=False).encode("utf-8"),
+        jsontext.dumpb(event.to_wire()),
         content_type=JSON,
         message_id=event.message_id,
         type=event.type,
@@ -350,7 +350,7 @@ class ActivityPublisher:
         self.failures = 0
 
     async def __call__(self, activity: TurnActivity) -> None:
-        body = json.dumps(activity.to_wire(), ensure_ascii=False).encode("utf-8")
+        body = jsontext.dumpb(activity.to_wire())
         message = aio_pika.Message(
             body,
             content_type=JSON,

@@ -30,8 +30,10 @@ from typing import Any
 import psycopg
 from psycopg import pq
 from psycopg.rows import RowMaker
+from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
+from lash_core import jsontext
 from lash_core.errors import StoreError
 
 #: ``:name`` outside ``::type`` casts (the rule SQLAlchemy's ``text()`` uses).
@@ -137,14 +139,18 @@ class Connection:
         return Result(rows, cursor.rowcount)
 
 
-async def _prepare_at_once(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Prepare every statement on its first use on a connection (psycopg's default waits
-    for the fifth): the store's statements come from a few dozen fixed shapes, each run
-    thousands of times, so a pooled connection should plan each once. With the
-    connections' ``plan_cache_mode=force_generic_plan`` (see ``PostgresStore.start``) the
-    server then reuses that plan instead of planning again for each execution."""
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Set up a new pooled connection.
+
+    Every statement is prepared on its first use (psycopg's default waits for the fifth):
+    the store's statements come from a few dozen fixed shapes, each run thousands of times,
+    so a pooled connection should plan each once. With the connections'
+    ``plan_cache_mode=force_generic_plan`` (see ``PostgresStore.start``) the server then
+    reuses that plan instead of planning again for each execution. ``json``/``jsonb``
+    columns are parsed with :func:`lash_core.jsontext.loads`."""
     conn.prepare_threshold = 0
     conn.prepared_max = 256
+    set_json_loads(jsontext.loads, conn)
 
 
 class Database:
@@ -174,7 +180,7 @@ class Database:
             kwargs["options"] = options
         self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             conninfo,
-            configure=_prepare_at_once,
+            configure=_configure,
             kwargs=kwargs,
             min_size=min_size,
             max_size=max(min_size, max_size),

@@ -9,7 +9,6 @@ wake-up only delays work, since workers also poll and sweep.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import psycopg
 from pydantic import ValidationError
 
+from lash_core import jsontext
 from lash_core.store.base import Notification
 
 CHANNEL = "lash_events"
@@ -28,12 +28,12 @@ def payload(kind: str, session_id: str, turn_id: str | None = None) -> str:
     body: dict[str, Any] = {"kind": kind, "session_id": session_id}
     if turn_id is not None:
         body["turn_id"] = turn_id
-    return json.dumps(body, separators=(",", ":"))
+    return jsontext.dumps(body)
 
 
 def parse(raw: str) -> Notification | None:
     try:
-        return Notification.model_validate(json.loads(raw))
+        return Notification.model_validate(jsontext.loads(raw))
     except (ValueError, ValidationError):
         log.warning("ignoring malformed notification %r", raw[:200])
         return None

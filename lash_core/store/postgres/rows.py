@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from pydantic import TypeAdapter
 
+from lash_core import jsontext
 from lash_core.commands import QueuedCommand
 from lash_core.events import DurableEvent, EventPayload
 from lash_core.inputs import Ingress, PendingTurnInput, RowClaim
@@ -32,8 +32,8 @@ COMMAND_COLUMNS = (
 )
 
 
-def dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+#: Compact JSON text of a ``jsonb`` parameter.
+dumps = jsontext.dumps
 
 
 def _claim(row: Mapping[Any, Any]) -> RowClaim | None:
