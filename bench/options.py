@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workers", type=_int_list, help="worker counts to compare (default 1,2,4)")
     add("--sessions", type=int, help="sessions per run (default 200)")
     add("--inputs-per-session", type=int, help="inputs per session (default 5)")
-    add("--concurrency", type=int, help="per-worker concurrency and prefetch (default 16)")
+    add("--concurrency", type=int, help="per-worker concurrency (default 16)")
     add(
         "--modes",
         type=_modes,
