@@ -1,11 +1,15 @@
 """Compact JSON text for the hot path: database parameters and wire bodies.
 
 orjson encodes several times faster than the standard library, and a turn encodes its
-events, rows and replies many times over. Its output is what
-``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` gives for the values we
-send; for what orjson refuses (integers beyond 64 bits, non-string keys) the standard
+events, rows and replies many times over. Its output is the text
+``json.dumps(value, separators=(",", ":"), ensure_ascii=False)`` gives, except that a float
+may spell its exponent differently (``1e-8`` for ``1e-08``; the same number); for what
+orjson refuses (integers beyond 64 bits, non-string keys) the standard
 library takes over, so nothing that encoded before fails now. Canonical JSON for hashes
 stays in :func:`lash_core.inputs.canonical_json`: its bytes must never change.
+
+Parsing stays with the standard library: orjson reads an integer beyond 64 bits as a
+float, silently, and ``jsonb`` holds such numbers exactly.
 """
 
 from __future__ import annotations
@@ -27,8 +31,3 @@ def dumpb(value: Any) -> bytes:
 def dumps(value: Any) -> str:
     """``value`` as compact JSON text."""
     return dumpb(value).decode("utf-8")
-
-
-def loads(raw: str | bytes) -> Any:
-    """Parse JSON text (bytes or str)."""
-    return orjson.loads(raw)

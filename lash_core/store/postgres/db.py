@@ -30,10 +30,8 @@ from typing import Any
 import psycopg
 from psycopg import pq
 from psycopg.rows import RowMaker
-from psycopg.types.json import set_json_loads
 from psycopg_pool import AsyncConnectionPool
 
-from lash_core import jsontext
 from lash_core.errors import StoreError
 
 #: ``:name`` outside ``::type`` casts (the rule SQLAlchemy's ``text()`` uses).
@@ -146,11 +144,9 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     the store's statements come from a few dozen fixed shapes, each run thousands of times,
     so a pooled connection should plan each once. With the connections'
     ``plan_cache_mode=force_generic_plan`` (see ``PostgresStore.start``) the server then
-    reuses that plan instead of planning again for each execution. ``json``/``jsonb``
-    columns are parsed with :func:`lash_core.jsontext.loads`."""
+    reuses that plan instead of planning again for each execution."""
     conn.prepare_threshold = 0
     conn.prepared_max = 256
-    set_json_loads(jsontext.loads, conn)
 
 
 class Database:

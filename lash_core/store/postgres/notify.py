@@ -9,6 +9,7 @@ wake-up only delays work, since workers also poll and sweep.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -33,7 +34,7 @@ def payload(kind: str, session_id: str, turn_id: str | None = None) -> str:
 
 def parse(raw: str) -> Notification | None:
     try:
-        return Notification.model_validate(jsontext.loads(raw))
+        return Notification.model_validate(json.loads(raw))
     except (ValueError, ValidationError):
         log.warning("ignoring malformed notification %r", raw[:200])
         return None
