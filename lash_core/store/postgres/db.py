@@ -39,6 +39,9 @@ _BIND = re.compile(r"(?<![:\w\\]):(\w+)(?!:)")
 
 StatementListener = Callable[[str], None]
 
+#: The status of a result that carries rows.
+_TUPLES_OK = pq.ExecStatus.TUPLES_OK
+
 
 @dataclass(frozen=True, slots=True)
 class Sql:
@@ -77,9 +80,6 @@ def named_rows(cursor: psycopg.AsyncCursor[Any]) -> RowMaker[Any]:
         return tuple
     names = tuple(_column_name(result.fname(i)) for i in range(result.nfields))
     return _row_class(names)
-
-
-_TUPLES_OK = pq.ExecStatus.TUPLES_OK
 
 
 @functools.lru_cache(maxsize=1024)
