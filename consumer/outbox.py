@@ -38,7 +38,7 @@ from consumer.observability.logs import get_logger
 from consumer.observability.metrics import OUTBOX_BACKLOG, OUTBOX_LAG, OUTBOX_PUBLISHED
 from consumer.observability.tracing import span
 from lash_core import jsontext
-from lash_core.events import DurableEvent, TurnActivity
+from lash_core.events import OutboxMessage, TurnActivity
 from lash_core.store.base import Notification, Store
 from lash_core.store.postgres import notify
 
@@ -88,10 +88,10 @@ async def send(exchange: AbstractExchange, message: aio_pika.Message, routing_ke
     )
 
 
-def event_message(event: DurableEvent) -> aio_pika.Message:
+def event_message(event: OutboxMessage) -> aio_pika.Message:
     """The AMQP message of one durable event (CONTRACT.md "Observation events")."""
     return aio_pika.Message(
-        jsontext.dumpb(event.to_wire()),
+        event.body,
         content_type=JSON,
         message_id=event.message_id,
         type=event.type,
@@ -262,7 +262,7 @@ class OutboxRelay:
         self._scan = False
         self.scans += 1
         try:
-            events = await self._store.unpublished_events(
+            events = await self._store.unpublished_messages(
                 self._batch, shards=frozenset(self._locks.held), shard_count=self._shards
             )
         except BaseException:
@@ -276,7 +276,7 @@ class OutboxRelay:
         self._scan = self._scan or full
         return full
 
-    async def _publish(self, events: Sequence[DurableEvent]) -> None:
+    async def _publish(self, events: Sequence[OutboxMessage]) -> None:
         """Publish a batch pipelined: every message is sent, then the confirms are awaited
         together (one round trip per batch, not one per event, which under load would
         cost a full event-loop turn each). The channel sends in call order, so each
@@ -287,7 +287,7 @@ class OutboxRelay:
             results = await asyncio.gather(
                 *(self._publish_one(event) for event in ordered), return_exceptions=True
             )
-        done: list[DurableEvent] = []
+        done: list[OutboxMessage] = []
         failed: set[str] = set()
         for event, result in zip(ordered, results, strict=True):
             if event.session_id in failed:
@@ -309,7 +309,7 @@ class OutboxRelay:
             self.published += len(done)
             OUTBOX_PUBLISHED.inc(len(done))
 
-    async def _publish_one(self, event: DurableEvent) -> None:
+    async def _publish_one(self, event: OutboxMessage) -> None:
         # Not mandatory: a fanout without observers is normal, not a failure.
         await send(self._exchange, event_message(event), event.type)
         if event.created_at_ms:

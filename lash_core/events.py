@@ -9,10 +9,12 @@ revision and ``seq`` so a reader can resume with ``after_seq``.
 from __future__ import annotations
 
 import zlib
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import Field
 
+from lash_core import jsontext
 from lash_core._model import Frozen
 from lash_core.commands import SessionCommand
 from lash_core.inputs import InputRecord
@@ -81,6 +83,11 @@ def session_shard(session_id: str) -> int:
     return zlib.crc32(session_id.encode("utf-8"))
 
 
+def event_message_id(session_id: str, seq: int) -> str:
+    """The AMQP ``message_id`` of a durable event: stable, so a republish is recognisable."""
+    return f"{session_id}:{seq}"
+
+
 def make_cursor(session_id: str, revision: int, seq: int) -> str:
     return f"{CURSOR_PREFIX}:{revision}:{seq}:{session_id}"
 
@@ -118,22 +125,80 @@ class DurableEvent(Frozen):
 
     @property
     def message_id(self) -> str:
-        return f"{self.session_id}:{self.seq}"
+        return event_message_id(self.session_id, self.seq)
 
     @property
     def cursor(self) -> str:
         return make_cursor(self.session_id, self.revision, self.seq)
 
     def to_wire(self) -> dict[str, Any]:
-        body: dict[str, Any] = {
-            "protocol_version": PROTOCOL_VERSION,
-            "session_id": self.session_id,
-            "seq": self.seq,
-            "revision": self.revision,
-            "cursor": self.cursor,
-        }
+        body = wire_envelope(self.session_id, self.seq, self.revision)
         body.update(self.payload.model_dump(mode="json"))
         return body
+
+
+def wire_envelope(session_id: str, seq: int, revision: int) -> dict[str, Any]:
+    """The fields every durable event carries on the wire before its payload's."""
+    return {
+        "protocol_version": PROTOCOL_VERSION,
+        "session_id": session_id,
+        "seq": seq,
+        "revision": revision,
+        "cursor": make_cursor(session_id, revision, seq),
+    }
+
+
+def wire_body(session_id: str, seq: int, revision: int, payload_json: str) -> bytes:
+    """The wire body of a stored event from its payload as JSON object text, unparsed.
+
+    The same JSON value as ``DurableEvent.to_wire()`` (envelope fields, then the payload's),
+    spliced as text: the outbox relay publishes every event once, and parsing the payload
+    into its model only to dump it again was most of the relay's CPU.
+    """
+    head = jsontext.dumpb(wire_envelope(session_id, seq, revision))
+    payload = payload_json.strip()
+    if not (payload.startswith("{") and payload.endswith("}")):
+        raise ValueError(f"event payload is not a JSON object: {payload[:40]!r}")
+    inner = payload[1:-1].strip()
+    if not inner:
+        return head
+    return head[:-1] + b"," + inner.encode() + b"}"
+
+
+class EventKey(Protocol):
+    """What names one durable event: its session and ``seq``."""
+
+    @property
+    def session_id(self) -> str: ...
+
+    @property
+    def seq(self) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """An unpublished durable event as the outbox relay sends it: the AMQP properties it
+    needs and the finished wire body."""
+
+    session_id: str
+    seq: int
+    type: str
+    created_at_ms: int
+    body: bytes
+
+    @property
+    def message_id(self) -> str:
+        return event_message_id(self.session_id, self.seq)
+
+    @classmethod
+    def of(cls, event: DurableEvent) -> OutboxMessage:
+        return cls(
+            event.session_id,
+            event.seq,
+            event.type,
+            event.created_at_ms,
+            jsontext.dumpb(event.to_wire()),
+        )
 
 
 class TextDelta(Frozen):

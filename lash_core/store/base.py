@@ -28,7 +28,7 @@ from lash_core.claims import CommandClaim, TurnInputClaim
 from lash_core.commands import CommandDraft, QueuedCommand
 from lash_core.commit import CommitResult, RuntimeCommit, SessionConfig
 from lash_core.errors import InvalidRequest, SourceKeyConflict
-from lash_core.events import DurableEvent
+from lash_core.events import DurableEvent, EventKey, OutboxMessage
 from lash_core.inputs import (
     CancelResult,
     CancelTarget,
@@ -450,8 +450,16 @@ class Store(abc.ABC):
         scans them all at once); an empty collection selects nothing.
         """
 
+    async def unpublished_messages(
+        self, limit: int = 500, *, shards: Collection[int], shard_count: int = 1
+    ) -> list[OutboxMessage]:
+        """``unpublished_events`` of ``shards`` as the outbox relay publishes them (wire
+        bodies built); a store may build them without parsing each payload."""
+        events = await self.unpublished_events(limit, shards=shards, shard_count=shard_count)
+        return [OutboxMessage.of(event) for event in events]
+
     @abc.abstractmethod
-    async def mark_published(self, events: Sequence[DurableEvent]) -> None: ...
+    async def mark_published(self, events: Sequence[EventKey]) -> None: ...
 
     # ------------------------------------------------------------------ wake-ups
 

@@ -40,6 +40,7 @@ from lash_core.errors import (
 from lash_core.events import (
     CommandApplied,
     DurableEvent,
+    EventKey,
     EventPayload,
     InputAccepted,
     InputAdmitted,
@@ -1194,7 +1195,7 @@ class InMemoryStore(Store):
                             return out
             return out
 
-    async def mark_published(self, events: Sequence[DurableEvent]) -> None:
+    async def mark_published(self, events: Sequence[EventKey]) -> None:
         async with self._lock:
             for event in events:
                 s = self._sessions.get(event.session_id)

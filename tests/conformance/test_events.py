@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -109,6 +110,18 @@ async def test_events_seq_is_gapless_across_admission_claim_and_commit(store: St
         (9, "session.command_applied", 2),
         (10, "turn.committed", 2),
     ]
+    # Every event type leaves the outbox with the body ``to_wire`` gives (the PostgreSQL
+    # store splices it from the stored payload text without parsing it).
+    everything = (await store.events_after("s", 0)).events
+    outbox = await store.unpublished_messages(shards={0}, shard_count=1)
+    assert [(m.session_id, m.seq, m.type, m.message_id) for m in outbox] == [
+        (e.session_id, e.seq, e.type, e.message_id) for e in everything
+    ]
+    assert [json.loads(m.body) for m in outbox] == [e.to_wire() for e in everything]
+    assert [m.created_at_ms for m in outbox] == [e.created_at_ms for e in everything]
+    await store.mark_published(outbox[:9])
+    assert [m.seq for m in await store.unpublished_messages(shards=[0])] == [10]
+    assert await store.unpublished_messages(shards=()) == []
 
 
 async def test_events_cursor_and_wire_identity(store: Store) -> None:

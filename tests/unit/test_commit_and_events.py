@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lash_core.commit import FinalTurn, RuntimeCommit, turn_commit_hash
 from lash_core.events import (
@@ -15,6 +19,8 @@ from lash_core.events import (
     make_cursor,
     parse_cursor,
     session_shard,
+    wire_body,
+    wire_envelope,
 )
 from lash_core.leases import LeaseFence, LeaseOwner
 from lash_core.outcomes import AssistantMessageFinish, Finished, Usage
@@ -122,6 +128,34 @@ def test_event_identity_and_wire_form() -> None:
     )
     body = live.to_wire()
     assert body["durable"] is False and body["seq"] == 3 and body["type"] == "turn.activity"
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(), inner, max_size=3),
+    max_leaves=8,
+)
+
+
+@given(
+    payload=st.dictionaries(st.text().filter(lambda k: k not in wire_envelope("s", 1, 0)), _JSON),
+    indent=st.sampled_from([None, 1]),
+    sid=st.text(min_size=1),
+)
+def test_wire_body_splices_the_payload_after_the_envelope(
+    payload: dict[str, object], indent: int | None, sid: str
+) -> None:
+    """Whatever the payload text's layout (PostgreSQL's jsonb output has spaces), the body
+    is the envelope followed by the payload's fields, as ``to_wire`` builds it."""
+    body = wire_body(sid, 7, 3, json.dumps(payload, indent=indent))
+    assert json.loads(body) == {**wire_envelope(sid, 7, 3), **payload}
+    assert list(json.loads(body))[:5] == list(wire_envelope(sid, 7, 3))
+
+
+@pytest.mark.parametrize("bad", ["[1]", '"x"', "", "{"])
+def test_wire_body_refuses_what_is_not_an_object(bad: str) -> None:
+    with pytest.raises(ValueError):
+        wire_body("s", 1, 0, bad)
 
 
 def test_session_shard_is_stable_and_non_negative() -> None:

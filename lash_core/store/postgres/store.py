@@ -45,13 +45,16 @@ from lash_core.errors import (
 from lash_core.events import (
     CommandApplied,
     DurableEvent,
+    EventKey,
     EventPayload,
     InputAccepted,
     InputAdmitted,
     InputCancelled,
+    OutboxMessage,
     TurnCommitted,
     TurnStarted,
     session_shard,
+    wire_body,
 )
 from lash_core.inputs import (
     CancelResult,
@@ -1935,6 +1938,42 @@ class PostgresStore(Store):
     ) -> list[DurableEvent]:
         if shards is not None and not shards:
             return []
+        rows = await self._unpublished(
+            "payload", limit, shard=shard, shard_count=shard_count, shards=shards
+        )
+        return [event_from_row(r._asdict()) for r in rows]
+
+    async def unpublished_messages(
+        self, limit: int = 500, *, shards: Collection[int], shard_count: int = 1
+    ) -> list[OutboxMessage]:
+        if not shards:
+            return []
+        # The payload as text, spliced into the wire body unparsed (events.wire_body).
+        rows = await self._unpublished(
+            "type, payload::text AS payload", limit, shard_count=shard_count, shards=shards
+        )
+        return [
+            OutboxMessage(
+                r.session_id,
+                r.seq,
+                r.type,
+                r.created_at_ms,
+                wire_body(r.session_id, r.seq, r.revision, r.payload),
+            )
+            for r in rows
+        ]
+
+    async def _unpublished(
+        self,
+        columns: str,
+        limit: int,
+        *,
+        shard: int | None = None,
+        shard_count: int = 1,
+        shards: Collection[int] | None = None,
+    ) -> list[Any]:
+        """Unpublished event rows (``session_id, seq, revision, created_at_ms`` and
+        ``columns``) of the shards asked for, in ``(session_id, seq)`` order."""
         where = "NOT published"
         params: dict[str, Any] = {"n": limit}
         if shard is not None:
@@ -1944,16 +1983,16 @@ class PostgresStore(Store):
             where += " AND shard % :count = ANY(CAST(:shards AS bigint[]))"
             params.update({"count": shard_count, "shards": sorted(shards)})
         async with self._tx(single=True) as conn:
-            rows = await conn.execute(
+            result = await conn.execute(
                 text(
-                    "SELECT session_id, seq, revision, payload, created_at_ms FROM lash_events"
-                    f" WHERE {where} ORDER BY session_id, seq LIMIT :n"
+                    f"SELECT session_id, seq, revision, created_at_ms, {columns}"
+                    f" FROM lash_events WHERE {where} ORDER BY session_id, seq LIMIT :n"
                 ),
                 params,
             )
-            return [event_from_row(r._asdict()) for r in rows]
+            return result.all()
 
-    async def mark_published(self, events: Sequence[DurableEvent]) -> None:
+    async def mark_published(self, events: Sequence[EventKey]) -> None:
         if not events:
             return
         async with self._tx(single=True) as conn:
