@@ -166,6 +166,26 @@ async def test_HP_07_acquire_with_a_leading_command_takes_the_lease_only(store: 
     assert claim is not None
 
 
+async def test_HP_07b_a_command_an_expired_tenure_claimed_holds_back_the_next_one(
+    harness: Harness,
+) -> None:
+    """The command was claimed by the previous generation and never completed: the new
+    tenure must apply it before any input admitted after it."""
+    store = harness.store
+    first = await lease_for(store, "s", "a", ttl=harness.short_ttl_ms)
+    await store.enqueue_command(command_draft("s", "c"))
+    assert await store.claim_leading_command(first.fence(), first.owner) is not None
+    await store.enqueue_input(draft("s", "y"))
+    await harness.expire(first)
+    opened = await store.acquire_and_start_turn("s", owner("b"), TTL)
+    assert isinstance(opened.lease, Acquired)
+    assert opened.lease.lease.fencing_token == first.fencing_token + 1
+    assert opened.turn is None and opened.command_pending
+    lease = opened.lease.lease
+    claim = await store.claim_leading_command(lease.fence(), lease.owner)
+    assert claim is not None and claim.session_lease_generation == lease.fencing_token
+
+
 async def test_HP_08_acquire_with_nothing_to_do(store: Store) -> None:
     opened = await store.acquire_and_start_turn("s", owner("a"), TTL)
     assert isinstance(opened.lease, Acquired)
