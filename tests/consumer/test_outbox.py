@@ -14,7 +14,7 @@ import pytest
 
 from consumer.outbox import OutboxRelay
 from consumer.producer import Producer
-from consumer.topology import declare
+from consumer.topology import Topology, declare
 from lash_core.inputs import TextItem, TurnInput, TurnInputDraft
 from lash_core.store.base import Store
 from lash_core.store.postgres import PostgresStore
@@ -44,6 +44,30 @@ async def admit(store: Store, session_id: str, n: int) -> None:
         )
 
 
+def _relay(
+    store: Store,
+    topology: Topology,
+    db_url: str,
+    namespace: str,
+    *,
+    shards: int,
+    batch: int,
+    poll: float,
+    retake: float | None = None,
+) -> OutboxRelay:
+    """A relay of ``namespace`` publishing to its observations exchange."""
+    return OutboxRelay(
+        store,
+        topology.observations_exchange,
+        database_url=db_url,
+        namespace=namespace,
+        shards=shards,
+        batch=batch,
+        poll_interval_s=poll,
+        retake_interval_s=retake,
+    )
+
+
 async def test_relays_publish_in_order_and_take_over(
     store: Store, db_url: str, amqp_url: str, clean_namespace: str
 ) -> None:
@@ -53,15 +77,7 @@ async def test_relays_publish_in_order_and_take_over(
         topology = await declare(channel, clean_namespace, 5)
 
         def relay() -> OutboxRelay:
-            return OutboxRelay(
-                store,
-                topology.observations_exchange,
-                database_url=db_url,
-                namespace=clean_namespace,
-                shards=4,
-                batch=7,
-                poll_interval_s=0.1,
-            )
+            return _relay(store, topology, db_url, clean_namespace, shards=4, batch=7, poll=0.1)
 
         a, b = relay(), relay()
         async with (
@@ -128,15 +144,15 @@ async def test_relays_scan_once_per_wake_and_retake_only_on_timer_or_release(
         topology = await declare(channel, clean_namespace, 5)
 
         def relay() -> OutboxRelay:
-            return OutboxRelay(
+            return _relay(
                 store,
-                topology.observations_exchange,
-                database_url=db_url,
-                namespace=clean_namespace,
+                topology,
+                db_url,
+                clean_namespace,
                 shards=8,
                 batch=500,
-                poll_interval_s=60.0,
-                retake_interval_s=60.0,
+                poll=60.0,
+                retake=60.0,
             )
 
         a, b = relay(), relay()
