@@ -18,7 +18,8 @@ race whoever is about to drain them (the admitter, whose drain is queued there) 
 lease, each lost race costing transactions on every side.
 
 A session has at most one drain task in this process. A kick while it drains marks it to
-be drained again. Input admitted while a drain runs is never left behind: the final commit
+be drained again; a kick while it waits for a drain slot does not, since the drain that
+follows reads after it. Input admitted while a drain runs is never left behind: the final commit
 releases the lease only when nothing is left, and admission waits for that commit's lease
 row lock (see ``Store.commit``), so a later admission sees the lease free and kicks a drain. At most
 ``LASH_CONCURRENCY`` sessions drain at once. A session whose lease another live worker
@@ -136,10 +137,14 @@ class Dispatcher:
         fresh = True
         try:
             while not self._closing:
-                self._again.discard(session_id)
                 async with self._slots:
                     if self._closing:
                         return
+                    # Every kick follows a commit (an admission's, or the state a check
+                    # read), and the round starting now reads after it: kicks while this
+                    # round waited for its slot need no round of their own. Only a kick
+                    # from here on sends the session round again.
+                    self._again.discard(session_id)
                     if fresh or await self._still_orphaned(session_id):
                         await self._drain_once(session_id)
                 fresh = False

@@ -256,7 +256,7 @@ class Worker:
             return
         self._draining = True
         s = self.settings
-        log.info("worker_stopping", grace_s=s.shutdown_grace_s)
+        log.info("worker_stopping", grace_s=s.shutdown_grace_s, **self._dispatch_counts())
         if self.ingress is not None:
             await self.ingress.stop_consuming()
             await self.ingress.drain(10.0)
@@ -272,6 +272,19 @@ class Worker:
             await self.relay.close()
         await self._close_resources()
         log.info("worker_stopped")
+
+    def _dispatch_counts(self) -> dict[str, int]:
+        """What this worker's dispatcher did, for the stop log (work-check costs show here)."""
+        d = self.dispatcher
+        if d is None:
+            return {}
+        return {
+            "drains": d.drains,
+            "turns": d.turns,
+            "sweeps": d.sweeps,
+            "checks": d.checks,
+            "probes": d.probes,
+        }
 
     async def _close_resources(self) -> None:
         closers: list[Any] = []

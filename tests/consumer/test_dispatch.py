@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Collection
+from typing import Any
 
 import pytest
 
@@ -135,4 +136,44 @@ async def test_a_drain_that_waited_for_a_slot_runs_without_asking_first() -> Non
     assert dispatcher.probes == 0
     assert store.checks == []
     assert await store.read_lease("nothing") is None
+    await dispatcher.shutdown(1.0)
+
+
+class GatedStore(CountingStore):
+    """Holds the first acquisition of ``gated`` until ``gate`` is set."""
+
+    def __init__(self, gated: str) -> None:
+        super().__init__()
+        self.gated = gated
+        self.entered = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def acquire_and_start_turn(self, session_id: str, *args: Any, **kwargs: Any) -> Any:
+        if session_id == self.gated and not self.entered.is_set():
+            self.entered.set()
+            await self.gate.wait()
+        return await super().acquire_and_start_turn(session_id, *args, **kwargs)
+
+
+async def test_kicks_while_a_drain_waits_for_its_slot_cost_no_extra_round() -> None:
+    """Admission kicks after its commit, and a queued drain reads after it takes its slot,
+    so more input for a session whose drain is still queued needs no further round (no
+    orphaned-work probe); the drain takes all of it in one turn."""
+    store = GatedStore("first")
+    dispatcher = Dispatcher(
+        SessionDriver(store, agent(), owner("w1")), store, concurrency=1, sweep_interval_s=60.0
+    )
+    await admit(store, "first")
+    await admit(store, "second")
+    dispatcher.kick("first")
+    dispatcher.kick("second")  # queued behind "first"
+    await store.entered.wait()  # "first" holds the only slot; "second" waits for it
+    await admit(store, "second")
+    dispatcher.kick("second")
+    store.gate.set()
+    await wait_until(lambda: _true(dispatcher.draining_sessions == set()))
+    assert dispatcher.probes == 0
+    assert dispatcher.drains == 2
+    assert dispatcher.turns == 2
+    assert not await InMemoryStore.sessions_with_orphaned_work(store, 10)
     await dispatcher.shutdown(1.0)

@@ -1273,9 +1273,10 @@ class PostgresStore(Store):
     async def has_active_input(
         self, session_id: str, turn_id: str, checkpoint: CheckpointKind
     ) -> bool:
-        # One statement (this probe runs at every checkpoint of every turn): the candidate
-        # rows, each carrying the session's lease generation.
-        async with self._tx() as conn:
+        # One statement, its own transaction (this probe runs at every checkpoint of every
+        # turn, so no BEGIN/COMMIT trips): the candidate rows, each carrying the session's
+        # lease generation, read in one snapshot.
+        async with self._tx(single=True) as conn:
             found = (
                 await conn.execute(
                     text(
