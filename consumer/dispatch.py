@@ -92,6 +92,8 @@ class Dispatcher:
         self.probes = 0
         self._active = 0
         self.drains = 0
+        self.idle_drains = 0
+        self.busy_drains = 0
         self.turns = 0
 
     # ------------------------------------------------------------------ wake-ups
@@ -195,7 +197,10 @@ class Dispatcher:
 
     def _record(self, report: DrainReport) -> None:
         if not report.acquired:
-            if not report.idle:  # idle: nothing to run, the lease was never taken
+            if report.idle:  # nothing to run, the lease was never taken
+                self.idle_drains += 1
+            else:
+                self.busy_drains += 1
                 LEASE_EVENTS.labels(event="busy").inc()
             return
         LEASE_EVENTS.labels(event="takeover" if report.took_over else "acquired").inc()

@@ -280,6 +280,8 @@ class Worker:
             return {}
         return {
             "drains": d.drains,
+            "idle_drains": d.idle_drains,
+            "busy_drains": d.busy_drains,
             "turns": d.turns,
             "sweeps": d.sweeps,
             "checks": d.checks,
