@@ -34,9 +34,9 @@ pytestmark = pytest.mark.postgres
 #: docstring of ``lash_core.engine.driver`` for what each remaining trip is for. Before the
 #: lean hot path every one of these drains took 29 statements in 12 transactions.
 BOUNDS = {
-    # acquire+start (first lease claim: advisory lock) 5, steering probe 1 (one statement, no
-    # transaction), commit 4
-    "first": (10, 2),
+    # acquire+start 3 (admission wrote a free lease row: no advisory lock on the first claim),
+    # steering probe 1 (one statement, no transaction), commit 4
+    "first": (8, 2),
     # acquire+start 3, probe 1, commit 4 (state cached by this driver)
     "steady": (8, 2),
     # as steady, plus loading the state once (this worker never ran the session)

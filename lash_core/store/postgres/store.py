@@ -356,11 +356,20 @@ _BATCH_GATE = text(f"""
         WHERE l.session_id = s.sid FOR SHARE) AS lease) x
     ORDER BY s.ord
 """)
+#: The free lease row (no holder, generation 0: what a missing row means to the lease
+#: rules) that admission writes for a session whose gate found none, under the shared side
+#: of the first-claim advisory lock. Its first lease claim then finds a row to lock and
+#: skips the advisory lock and the second read (two statements) that a missing row costs.
+_FREE_LEASE_ROW = """lease_row AS (
+    INSERT INTO lash_leases (session_id) SELECT :es FROM ins
+    ON CONFLICT DO NOTHING RETURNING 1)"""
 #: ``:n`` admission seqs, ascending, drawn after the batch's gate (its own statement).
 _BATCH_SEQS = text("SELECT nextval('lash_enqueue_seq') FROM generate_series(1, :n) ORDER BY 1")
 #: A batch's rows; for the sessions that got rows: the seqs on the session row (in session
-#: order), one ``input.admitted`` event per row numbered in ``enqueue_seq`` order, and the
-#: ``work`` and ``events`` wake-ups. Returns each landed row's event seq and revision.
+#: order), one ``input.admitted`` event per row numbered in ``enqueue_seq`` order, the
+#: ``work`` and ``events`` wake-ups, and a free lease row for each of ``:new_sids`` (the
+#: sessions whose gate found none; see ``_FREE_LEASE_ROW``). Returns each landed row's
+#: event seq and revision.
 _BATCH_INSERT = text("""
     WITH ins AS (
         INSERT INTO lash_pending_inputs (input_id, session_id, enqueue_seq, source_key,
@@ -382,6 +391,12 @@ _BATCH_INSERT = text("""
         ON CONFLICT (session_id) DO UPDATE
             SET last_seq = lash_sessions.last_seq + EXCLUDED.last_seq, updated_at_ms = :now
         RETURNING session_id, last_seq, head_revision),
+    lease_rows AS (
+        INSERT INTO lash_leases (session_id)
+        SELECT n.sid FROM unnest(CAST(:new_sids AS text[])) AS n(sid)
+        WHERE n.sid IN (SELECT session_id FROM cnt) ORDER BY n.sid
+        ON CONFLICT DO NOTHING
+        RETURNING 1),
     numbered AS (
         SELECT ins.input_id, ins.session_id, ses.head_revision,
             ses.last_seq - cnt.n
@@ -654,6 +669,8 @@ class PostgresStore(Store):
                 }
             )
             ses_cte = _SESSION_SEQ_CTE.format(source="SELECT :es, :en, :enow, :enow FROM ins")
+            if lease is None:
+                ses_cte += ",\n" + _FREE_LEASE_ROW
             admitted = (
                 await conn.execute(
                     text(
@@ -740,6 +757,7 @@ class PostgresStore(Store):
                     "inputs": [dumps(r.input.model_dump(mode="json")) for r in records],
                     "payloads": [dumps(p.model_dump(mode="json")) for p in payloads],
                     "shards": [session_shard(r.session_id) for r in records],
+                    "new_sids": [sid for sid in sessions if leases[sid] is None],
                     "note_sids": sessions,
                     "note_work": [notify.payload("work", sid) for sid in sessions],
                     "note_events": [notify.payload("events", sid) for sid in sessions],
@@ -1145,8 +1163,9 @@ class PostgresStore(Store):
         async with self._tx() as conn:
             now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
             if row is None:
-                # First claim of the session: serialise on the advisory lock (see
-                # ``_claim_lease``), then read again in a new statement.
+                # No lease row yet (admission writes a free one, so this is a session with
+                # no admitted input, or a command only): serialise on the advisory lock
+                # (see ``_claim_lease``), then read again in a new statement.
                 await conn.execute(_ADVISORY_LOCK, {"s": session_id})
                 now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
             decision = lease_rules.decide_try_claim(row, session_id, owner, now, ttl_ms)
