@@ -5,10 +5,11 @@ runs next (leading session commands, then next-turn input merged into one turn),
 and releases. The consumer service and the embedded facade both call it, so a session
 behaves the same whether it runs behind RabbitMQ or inside a host process.
 
-The hot path is lean: a drain of one input is three transactions. The first acquires the
+The hot path is lean: a drain of one input is three store calls. The first acquires the
 lease and starts the turn (``Store.acquire_and_start_turn``: the store claims the input,
 names the turn and stops before any pending session command); the turn's steering probe is
-the second; the final commit is the third and releases the lease in the same transaction
+the second (one read, which PostgreSQL runs as a statement of its own, without
+``BEGIN``/``COMMIT``); the final commit is the third and releases the lease in the same transaction
 when the session is left idle (``release_lease_if_idle``), which the store decides under
 the lease row lock that every admission must pass, so no re-check is needed after it. A
 session command is claimed only when the store reports one pending. The acquisition takes
