@@ -266,7 +266,10 @@ class Store(abc.ABC):
         """CAS release; a stale or repeated release is a silent no-op. Wakes workers."""
 
     @abc.abstractmethod
-    async def read_lease(self, session_id: str) -> LeaseRow | None: ...
+    async def read_lease(self, session_id: str) -> LeaseRow | None:
+        """The session's lease row, or ``None`` if it has none. A row with no holder at
+        generation 0 means the same as none (a store may write one when it first admits
+        the session's input, as PostgreSQL does, to spare the first claim a lock)."""
 
     # ------------------------------------------------------------------ claims (§3)
 
