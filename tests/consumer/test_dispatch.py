@@ -118,17 +118,23 @@ async def test_admission_kicks_drain_without_any_query(
     assert dispatcher.drains == 1 and dispatcher.turns == 1
 
 
-async def test_a_drain_that_waited_for_a_slot_runs_without_asking_first() -> None:
-    """Kicks carry evidence of work: a queued drain does not query before it runs; one whose
-    work went finds nothing in its (only-if-work) acquisition and takes no lease."""
-    store = CountingStore()
+async def second_queued_behind_first(store: CountingStore) -> Dispatcher:
+    """A one-slot dispatcher draining "first", with "second" (both admitted) queued."""
     dispatcher = Dispatcher(
         SessionDriver(store, agent(), owner("w1")), store, concurrency=1, sweep_interval_s=60.0
     )
     await admit(store, "first")
     await admit(store, "second")
     dispatcher.kick("first")
-    dispatcher.kick("second")  # queued behind "first"
+    dispatcher.kick("second")
+    return dispatcher
+
+
+async def test_a_drain_that_waited_for_a_slot_runs_without_asking_first() -> None:
+    """Kicks carry evidence of work: a queued drain does not query before it runs; one whose
+    work went finds nothing in its (only-if-work) acquisition and takes no lease."""
+    store = CountingStore()
+    dispatcher = await second_queued_behind_first(store)
     dispatcher.kick("nothing")  # queued too, and has no work: an idle drain
     await wait_until(lambda: _true(dispatcher.draining_sessions == set()))
     assert dispatcher.turns == 2
@@ -160,13 +166,7 @@ async def test_kicks_while_a_drain_waits_for_its_slot_cost_no_extra_round() -> N
     so more input for a session whose drain is still queued needs no further round (no
     orphaned-work probe); the drain takes all of it in one turn."""
     store = GatedStore("first")
-    dispatcher = Dispatcher(
-        SessionDriver(store, agent(), owner("w1")), store, concurrency=1, sweep_interval_s=60.0
-    )
-    await admit(store, "first")
-    await admit(store, "second")
-    dispatcher.kick("first")
-    dispatcher.kick("second")  # queued behind "first"
+    dispatcher = await second_queued_behind_first(store)
     await store.entered.wait()  # "first" holds the only slot; "second" waits for it
     await admit(store, "second")
     dispatcher.kick("second")
