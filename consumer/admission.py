@@ -50,7 +50,9 @@ class Admission:
     ``cancel_local(session_id, turn_id, reason)`` signals a turn running in this process.
     With ``owner`` (this worker's lease identity), input admitted while a live lease holder
     exists does not call ``on_work``: the holder drains it (see
-    :attr:`~lash_core.store.base.InputAdmission.held_by`).
+    :attr:`~lash_core.store.base.InputAdmission.held_by`); nor does input queued behind
+    open input that no live holder runs: a drain was woken for that input (see
+    :attr:`~lash_core.store.base.InputAdmission.behind_open_input`).
     """
 
     def __init__(
@@ -140,12 +142,14 @@ class Admission:
         if self._on_events is not None:
             self._on_events()
 
-    def _needs_wake(self, held_by: LeaseOwner | None) -> bool:
+    def _needs_wake(self, admission: InputAdmission) -> bool:
         """Whether admitted input needs a drain woken: not when a live lease holder (this
-        worker or another) will see it anyway, which saves a lease attempt per input."""
-        if held_by is None or self._owner is None:
-            return True
-        return holder_is_definitely_dead(held_by, self._owner)
+        worker or another) will see it anyway, which saves a lease attempt per input, nor
+        when a drain was already woken for the session's earlier open input (it claims
+        this one too; another would race it for the lease and find nothing left)."""
+        if admission.held_by is not None and self._owner is not None:
+            return holder_is_definitely_dead(admission.held_by, self._owner)
+        return not admission.behind_open_input
 
     def _work(self, session_id: str) -> None:
         if self._on_work is not None:
@@ -211,7 +215,7 @@ class Admission:
     def _admitted(self, message: wire.SubmitMessage, admission: InputAdmission) -> wire.Receipt:
         ADMISSIONS.labels(status=admission.status.value).inc()
         record = admission.record
-        if record.state in PENDING_STATES and self._needs_wake(admission.held_by):
+        if record.state in PENDING_STATES and self._needs_wake(admission):
             self._work(message.session_id)
         status = (
             wire.ReceiptStatus.ADMITTED

@@ -1,10 +1,12 @@
 """Dispatch: drive many sessions concurrently, each under its lease, one drain at a time.
 
 Wake-ups come from three places, fastest first: the worker that admitted an input kicks
-the session directly; ``work`` notifications from the store reach every worker; and a
-recovery sweep every ``LASH_SWEEP_INTERVAL_MS`` asks the store for sessions whose pending
-work has no live lease (a crashed worker's sessions, or a lost notification). Polling is
-only that fallback.
+the session directly (unless a live lease holder will see the input, or the input queued
+behind open input whose own wake-up covers it: see ``Admission``); ``work``
+notifications from the store reach every worker; and a recovery sweep every
+``LASH_SWEEP_INTERVAL_MS`` asks the store for sessions whose pending work has no live
+lease (a crashed worker's sessions, or a lost notification). Polling is only that
+fallback.
 
 Notifications are not handled one by one: every admission notifies every worker, and a
 check per notification per worker would make each input cost more the more workers there

@@ -58,6 +58,14 @@ class InputAdmission(Frozen):
     reports it. That holder sees the input before it can release the lease (the admission
     gate), so the admitter need not wake a drain unless the holder is provably dead.
     ``None`` means no live lease, or not reported: wake a drain."""
+    behind_open_input: bool = False
+    """The session already had open input (:data:`~lash_core.inputs.OPEN_STATES`) when
+    this input was admitted, read after the admission gate. With no live lease holder,
+    a drain has been woken for that input (by its admitter, by the ``work`` notification
+    its admission sent to every worker, or by whoever released the lease with it still
+    open) and claims this input with it, so the admitter need not wake a second drain
+    that would only race the first for the lease and find nothing left. ``False`` means
+    none, or not reported: wake a drain."""
 
 
 class CommandAdmission(Frozen):

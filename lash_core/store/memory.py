@@ -50,6 +50,7 @@ from lash_core.events import (
     session_shard,
 )
 from lash_core.inputs import (
+    OPEN_STATES,
     PENDING_STATES,
     TERMINAL_STATES,
     ActiveTurnIngress,
@@ -294,6 +295,7 @@ class InMemoryStore(Store):
                 raise SourceKeyConflict(draft.session_id, key, existing.input_id)
 
             lease = s.live_lease(now)
+            behind = any(r.state in OPEN_STATES for r in s.inputs.values())
             ingress = admitted_ingress(draft.ingress, lease.running_turn_id if lease else None)
             record = PendingTurnInput(
                 input_id=draft.input_id or self._ids.new_id("ti_"),
@@ -313,7 +315,13 @@ class InMemoryStore(Store):
             self._input_sessions[record.input_id] = s.session_id
             self._notify("work", s.session_id)
             self._notify("events", s.session_id)
-            return InputAdmission(status=AdmissionStatus.ADMITTED, record=record, event=event)
+            return InputAdmission(
+                status=AdmissionStatus.ADMITTED,
+                record=record,
+                event=event,
+                held_by=lease.owner if lease else None,
+                behind_open_input=behind,
+            )
 
     async def get_input(self, session_id: str, input_id: str) -> PendingTurnInput | None:
         async with self._lock:

@@ -9,6 +9,7 @@ from lash_core.events import InputAdmitted
 from lash_core.inputs import (
     ActiveTurnIngress,
     AttachmentItem,
+    InputIdTarget,
     InputState,
     NextTurnIngress,
     PendingTurnInput,
@@ -333,3 +334,24 @@ async def test_batch_admission_of_replays_only_writes_nothing(store: Store) -> N
     assert [kind(o) for o in again] == ["duplicate", "duplicate"]
     assert {admission(o).record.input_id for o in again} == {admission(first[0]).record.input_id}
     assert (await store.events_after("s", 0)).last_seq == last_seq
+
+
+async def test_admission_reports_input_queued_behind_open_input(store: Store) -> None:
+    """``behind_open_input``: the session had open input when this input was admitted,
+    one by one and in a batch; a replay reports ``False``, and so does the first input
+    after the rest was settled. (Rows admitted earlier in the same batch may count or not:
+    PostgreSQL admits a batch in one statement, the memory store one by one.)"""
+    first = await store.enqueue_input(draft("s", "one", source_key="k1"))
+    assert first.behind_open_input is False
+    second = await store.enqueue_input(draft("s", "two", source_key="k2"))
+    assert second.behind_open_input is True
+    replay = await store.enqueue_input(draft("s", "two", source_key="k2"))
+    assert replay.status is AdmissionStatus.DUPLICATE and replay.behind_open_input is False
+    batch = await store.enqueue_inputs(
+        [draft("s", "three", source_key="k3"), draft("t", "t-one"), draft("t", "t-two")]
+    )
+    assert [admission(o).behind_open_input for o in batch[:2]] == [True, False]
+    ids = [InputIdTarget(value=p.input_id) for p in await store.list_pending_inputs("s")]
+    await store.cancel_inputs("s", ids)
+    after = await store.enqueue_input(draft("s", "four", source_key="k4"))
+    assert after.behind_open_input is False

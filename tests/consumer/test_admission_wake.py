@@ -10,7 +10,7 @@ import pytest
 
 from consumer import wire
 from consumer.admission import Admission
-from lash_core.inputs import TextItem, TurnInput
+from lash_core.inputs import InputIdTarget, TextItem, TurnInput
 from lash_core.leases import (
     LeaseOwner,
     LocalProcessLiveness,
@@ -76,3 +76,25 @@ async def test_without_an_owner_admission_always_wakes(store: Store) -> None:
     assert (await store.try_claim_lease("held2", other, 60_000)).lease is not None
     await admission.handle(submit("held2", "x"), None)
     assert kicked == ["held2"]
+
+
+async def test_input_queued_behind_open_input_wakes_no_second_drain(store: Store) -> None:
+    """With no live holder, the drain woken for a session's open input claims what is
+    admitted behind it: a second wake-up would race it for the lease and find nothing."""
+    kicked: list[str] = []
+    admission = Admission(store, on_work=kicked.append, owner=local_process_owner("me", "i"))
+
+    await admission.handle(submit("queue", "a"), None)
+    await admission.handle(submit("queue", "b"), None)
+    assert kicked == ["queue"]
+    outcomes = await admission.submit_many(
+        [(submit("queue", "c"), None), (submit("new", "d"), None)]
+    )
+    assert all(isinstance(o, wire.Receipt) for o in outcomes)
+    assert kicked == ["queue", "new"]
+
+    # Once nothing is open, the next input wakes a drain again.
+    pending = await store.list_pending_inputs("queue")
+    await store.cancel_inputs("queue", [InputIdTarget(value=p.input_id) for p in pending])
+    await admission.handle(submit("queue", "e"), None)
+    assert kicked == ["queue", "new", "queue"]

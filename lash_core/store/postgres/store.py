@@ -363,14 +363,22 @@ _BATCH_GATE = text(f"""
 _FREE_LEASE_ROW = """lease_row AS (
     INSERT INTO lash_leases (session_id) SELECT :es FROM ins
     ON CONFLICT DO NOTHING RETURNING 1)"""
+#: Whether the session had open input before the admitting statement (a CTE or subquery
+#: sees the statement's snapshot, so not the row it inserts): see
+#: ``InputAdmission.behind_open_input``. The statement runs after the admission gate, so
+#: its snapshot is no older than the gate's lock and no lease holder can change these rows
+#: until the admission commits.
+_BEHIND_OPEN_INPUT = f"""EXISTS (SELECT 1 FROM lash_pending_inputs
+    WHERE session_id = :es AND state IN ({_OPEN_STATES_SQL})) AS behind"""
 #: ``:n`` admission seqs, ascending, drawn after the batch's gate (its own statement).
 _BATCH_SEQS = text("SELECT nextval('lash_enqueue_seq') FROM generate_series(1, :n) ORDER BY 1")
 #: A batch's rows; for the sessions that got rows: the seqs on the session row (in session
 #: order), one ``input.admitted`` event per row numbered in ``enqueue_seq`` order, the
 #: ``work`` and ``events`` wake-ups, and a free lease row for each of ``:new_sids`` (the
 #: sessions whose gate found none; see ``_FREE_LEASE_ROW``). Returns each landed row's
-#: event seq and revision.
-_BATCH_INSERT = text("""
+#: event seq and revision, and whether its session had open input before the batch (as
+#: ``_BEHIND_OPEN_INPUT``).
+_BATCH_INSERT = text(f"""
     WITH ins AS (
         INSERT INTO lash_pending_inputs (input_id, session_id, enqueue_seq, source_key,
             ingress, submitted_ingress, state, input, enqueued_at_ms)
@@ -385,6 +393,9 @@ _BATCH_INSERT = text("""
         ON CONFLICT DO NOTHING
         RETURNING input_id, session_id, enqueue_seq),
     cnt AS (SELECT session_id, count(*) AS n FROM ins GROUP BY session_id),
+    prior AS (
+        SELECT DISTINCT session_id FROM lash_pending_inputs
+        WHERE session_id = ANY(CAST(:sids AS text[])) AND state IN ({_OPEN_STATES_SQL})),
     ses AS (
         INSERT INTO lash_sessions (session_id, last_seq, created_at_ms, updated_at_ms)
         SELECT session_id, n, :now, :now FROM cnt ORDER BY session_id
@@ -418,6 +429,7 @@ _BATCH_INSERT = text("""
             CAST(:note_events AS text[])) AS w(session_id, work, events)
         WHERE w.session_id IN (SELECT session_id FROM cnt))
     SELECT n.input_id, n.session_id, n.seq, n.head_revision AS revision,
+        n.session_id IN (SELECT session_id FROM prior) AS behind,
         (SELECT count(*) FROM ev) AS events, (SELECT n FROM woken) AS woken
     FROM numbered n
 """)
@@ -685,7 +697,8 @@ class PostgresStore(Store):
                             RETURNING 1),
                         {ses_cte},
                         {_EVENTS_CTE.format(values=values)}
-                        SELECT ses.last_seq, ses.head_revision, {", ".join(calls)} FROM ses
+                        SELECT ses.last_seq, ses.head_revision, {_BEHIND_OPEN_INPUT},
+                            {", ".join(calls)} FROM ses
                         """
                     ),
                     params,
@@ -701,6 +714,7 @@ class PostgresStore(Store):
                 record=record,
                 event=event,
                 held_by=lease.owner if lease is not None and lease.is_live(now) else None,
+                behind_open_input=bool(admitted.behind),
             )
 
     async def enqueue_inputs(
@@ -787,6 +801,7 @@ class PostgresStore(Store):
                         created_at_ms=now,
                     ),
                     held_by=lease.owner if lease is not None and lease.is_live(now) else None,
+                    behind_open_input=bool(row.behind),
                 )
         return [o for o in outcomes if o is not None]
 
