@@ -17,7 +17,7 @@ from lash_core._model import Frozen
 from lash_core.claims import CommandCompletion, TurnInputCompletion
 from lash_core.commands import SessionCommand
 from lash_core.events import DurableEvent
-from lash_core.inputs import canonical_json
+from lash_core.inputs import CheckpointKind, canonical_json
 from lash_core.leases import LeaseFence
 from lash_core.outcomes import TurnOutcome, Usage
 from lash_core.transcript import GraphDelta, GraphUnchanged
@@ -26,7 +26,13 @@ VOLATILE_KEYS = frozenset(
     {"node_id", "parent_node_id", "leaf_node_id", "timestamp", "created_at_ms", "id"}
 )
 NOT_HASHED_FIELDS = frozenset(
-    {"fence", "release_lease", "release_lease_if_idle", "expected_head_revision"}
+    {
+        "fence",
+        "release_lease",
+        "release_lease_if_idle",
+        "expected_head_revision",
+        "steering_checkpoint",
+    }
 )
 
 
@@ -61,6 +67,13 @@ class RuntimeCommit(Frozen):
     completed_command_claims: list[CommandCompletion] = Field(default_factory=list)
     defer_active_inputs_of_turn: str | None = None
     applied_command: SessionCommand | None = None
+    #: A final commit made at this checkpoint of its turn without probing it first: the
+    #: store checks, under the lease row lock, for steering input the turn could accept
+    #: there (as ``Store.has_active_input``) and, if any, writes nothing and raises
+    #: :class:`~lash_core.errors.SteeringPending`; the turn claims it and goes on. That is
+    #: one store call fewer per turn than probing and then committing, and leaves no gap
+    #: between the two in which steering input would be deferred to the next turn.
+    steering_checkpoint: CheckpointKind | None = None
 
     def commit_hash(self) -> str:
         return turn_commit_hash(self)

@@ -118,6 +118,19 @@ class Superseded(LashError):
         super().__init__(f"{what} claim {claim_id!r} of session {session_id!r} was superseded")
 
 
+class SteeringPending(LashError):
+    """A final commit made at a steering checkpoint (``RuntimeCommit.steering_checkpoint``)
+    found steering input the turn can still accept there. Nothing was written: the turn
+    claims that input and goes on, then commits again."""
+
+    code = "steering_pending"
+
+    def __init__(self, session_id: str, turn_id: str) -> None:
+        self.session_id = session_id
+        self.turn_id = turn_id
+        super().__init__(f"steering input is pending for turn {turn_id!r} of {session_id!r}")
+
+
 class UnsettledClaim(InvalidRequest):
     """A final commit did not settle every claim that originated the turn."""
 

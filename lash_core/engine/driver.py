@@ -5,13 +5,16 @@ runs next (leading session commands, then next-turn input merged into one turn),
 and releases. The consumer service and the embedded facade both call it, so a session
 behaves the same whether it runs behind RabbitMQ or inside a host process.
 
-The hot path is lean: a drain of one input is three store calls. The first acquires the
+The hot path is lean: a drain of one input is two store calls. The first acquires the
 lease and starts the turn (``Store.acquire_and_start_turn``: the store claims the input,
-names the turn and stops before any pending session command); the turn's steering probe is
-the second (one read, which PostgreSQL runs as a statement of its own, without
-``BEGIN``/``COMMIT``); the final commit is the third and releases the lease in the same transaction
-when the session is left idle (``release_lease_if_idle``), which the store decides under
-the lease row lock that every admission must pass, so no re-check is needed after it. A
+names the turn and stops before any pending session command). The second is the final
+commit. A finished turn leaves its last steering checkpoint to it
+(``RuntimeCommit.steering_checkpoint``): the store checks for steering input under the
+lease row lock and, if there is any, writes nothing, and the turn takes the input and goes
+on (:class:`~lash_core.errors.SteeringPending`). The commit releases the lease in the same
+transaction when the session is left idle (``release_lease_if_idle``), which the store
+decides under the lease row lock that every admission must pass, so no re-check is needed
+after it. A
 session command is claimed only when the store reports one pending. The acquisition takes
 the lease only if there is something to run (``only_if_work``), so a drain that finds
 nothing is one transaction with no release; after a separate release (the last turn
@@ -47,10 +50,12 @@ from lash_core.errors import (
     HeadRevisionConflict,
     LeaseLost,
     RetryableStoreError,
+    SteeringPending,
     Superseded,
     TurnCommitConflict,
 )
 from lash_core.events import TurnActivity
+from lash_core.inputs import CheckpointKind
 from lash_core.leases import (
     Acquired,
     Lease,
@@ -497,31 +502,42 @@ class SessionDriver:
             clock=self.clock,
             sink=self.on_activity,
         )
-        try:
-            with self.agent.span(
-                "lash.turn",
-                session_id=session_id,
-                turn_id=turn_id,
-                lease_generation=guard.generation,
-            ):
-                out = await runner.run()
-        finally:
-            if self._running.get(session_id) is control:
-                del self._running[session_id]
-        claims = [c for c in (start.claim, *out.checkpoint_claims) if c is not None]
-        if out.lease_lost:
-            await self._abandon(claims)
-            guard.mark_lost(guard.lost_reason or "lease lost during the turn")
-            raise _TenureLost
-        # The last allowed turn and a cancelled task release unconditionally; otherwise the
-        # commit releases only if it leaves the session idle.
-        release = last or out.task_cancelled
-        commit = self._final_commit(cache, start, out, claims, guard, release)
-        try:
-            result = await asyncio.shield(self._commit_turn(commit, guard))
-        except (LeaseLost, Superseded):
-            await self._abandon(claims)
-            raise
+        step = runner.run
+        while True:
+            self._running[session_id] = control
+            try:
+                with self.agent.span(
+                    "lash.turn",
+                    session_id=session_id,
+                    turn_id=turn_id,
+                    lease_generation=guard.generation,
+                ):
+                    out = await step()
+            finally:
+                if self._running.get(session_id) is control:
+                    del self._running[session_id]
+            claims = [c for c in (start.claim, *out.checkpoint_claims) if c is not None]
+            if out.lease_lost:
+                await self._abandon(claims)
+                guard.mark_lost(guard.lost_reason or "lease lost during the turn")
+                raise _TenureLost
+            # The last allowed turn and a cancelled task release unconditionally; otherwise
+            # the commit releases only if it leaves the session idle.
+            release = last or out.task_cancelled
+            commit = self._final_commit(
+                cache, start, out, claims, guard, release, runner.final_checkpoint
+            )
+            try:
+                result = await asyncio.shield(self._commit_turn(commit, guard))
+            except SteeringPending:
+                # Nothing was written: the turn takes the steering input and goes on.
+                log.info("turn_steered_at_commit", session_id=session_id, turn_id=turn_id)
+                step = runner.resume
+                continue
+            except (LeaseLost, Superseded):
+                await self._abandon(claims)
+                raise
+            break
         if result.replayed:
             self._states.pop(session_id, None)
         else:
@@ -559,6 +575,7 @@ class SessionDriver:
         claims: list[TurnInputClaim],
         guard: LeaseGuard,
         release: bool,
+        steering_checkpoint: CheckpointKind | None,
     ) -> RuntimeCommit:
         provider = self.agent.provider
         return RuntimeCommit(
@@ -573,6 +590,7 @@ class SessionDriver:
             turn=FinalTurn(turn_id=start.turn_id, outcome=out.outcome, usage=out.usage),
             completed_input_claims=[c.completion() for c in claims],
             defer_active_inputs_of_turn=start.turn_id,
+            steering_checkpoint=steering_checkpoint,
         )
 
     async def _commit_turn(self, commit: RuntimeCommit, guard: LeaseGuard) -> CommitResult:

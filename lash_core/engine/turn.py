@@ -128,17 +128,38 @@ class TurnRunner:
         self._claims: list[TurnInputClaim] = []
         self._partial_text: list[str] = []
         self._seq = context.seq
+        self._rounds = 0
+        self._outcome: TurnOutcome | None = None
+        #: The steering checkpoint the turn ended at without checking it (the final
+        #: commit checks it: ``RuntimeCommit.steering_checkpoint``), or ``None``.
+        self.final_checkpoint: CheckpointKind | None = None
 
     # ------------------------------------------------------------------ public
 
     async def run(self) -> TurnOutput:
-        task_cancelled = False
-        outcome: TurnOutcome
+        """Run the turn to its end. A turn that finishes leaves its last steering
+        checkpoint to the final commit (:attr:`final_checkpoint`), which checks it under
+        the lease row lock; if steering input is pending there, :meth:`resume` goes on."""
         for rec in self._ctx.inputs:
             self._append_user(rec)
+        return await self._finish(self._loop())
+
+    async def resume(self) -> TurnOutput:
+        """Go on after the final commit found steering input pending at
+        :attr:`final_checkpoint` (:class:`~lash_core.errors.SteeringPending`): claim it and
+        continue the turn. If nothing could be claimed after all (cancelled meanwhile, or
+        the claim failed), the turn ends as it was, and its next final commit defers what
+        is left to the next turn rather than checking again."""
+        return await self._finish(self._resume())
+
+    async def _finish(self, body: Awaitable[TurnOutcome]) -> TurnOutput:
+        task_cancelled = False
+        outcome: TurnOutcome
+        self.final_checkpoint = None
         try:
-            outcome = await self._loop()
+            outcome = await body
         except _Interrupt as it:
+            self.final_checkpoint = None
             if it.kind == "lease_lost":
                 return self._lost()
             outcome = Stopped(stop="cancelled", message=it.reason)
@@ -151,16 +172,20 @@ class TurnRunner:
             if current is not None:
                 current.uncancel()
             task_cancelled = True
+            self.final_checkpoint = None
             outcome = Stopped(stop="cancelled", message="turn task cancelled")
         except ProviderError as exc:
+            self.final_checkpoint = None
             outcome = Stopped(stop="provider_error", message=str(exc))
         except Exception as exc:
+            self.final_checkpoint = None
             log.exception("turn_runtime_error", session_id=self._ctx.session_id)
             outcome = Stopped(stop="runtime_error", message=f"{type(exc).__name__}: {exc}")
         if self._guard.is_lost:
             return self._lost()
         self._flush_partial_text()
         self._answer_open_tool_calls()
+        self._outcome = outcome
         return TurnOutput(
             nodes=self._nodes,
             outcome=outcome,
@@ -172,7 +197,8 @@ class TurnRunner:
     # ------------------------------------------------------------------ the loop
 
     async def _loop(self) -> TurnOutcome:
-        for _ in range(max(self._agent.max_iterations, 0)):
+        while self._rounds < self._agent.max_iterations:
+            self._rounds += 1
             self._check()
             text, calls = await self._step(self._model_call(self._request()))
             self._partial_text = []
@@ -182,10 +208,17 @@ class TurnRunner:
                 self._append_tool_results(calls, results)
                 await self._checkpoint("after_work")
                 continue
-            if await self._checkpoint("before_completion"):
-                continue
+            # The ``before_completion`` checkpoint is the final commit's to check.
+            self.final_checkpoint = "before_completion"
             return Finished(finish=AssistantMessageFinish(text=text))
         return Stopped(stop="max_turns", message=f"{self._agent.max_iterations} model calls")
+
+    async def _resume(self) -> TurnOutcome:
+        finished = self._outcome
+        assert finished is not None, "resume() follows run()"
+        if await self._checkpoint("before_completion", probe=False):
+            return await self._loop()
+        return finished
 
     def _request(self) -> ModelRequest:
         provider = self._agent.provider
@@ -242,12 +275,13 @@ class TurnRunner:
             )
         return by_id
 
-    async def _checkpoint(self, kind: CheckpointKind) -> bool:
-        """Take steering input admitted at this checkpoint; True if any was accepted."""
+    async def _checkpoint(self, kind: CheckpointKind, *, probe: bool = True) -> bool:
+        """Take steering input admitted at this checkpoint; True if any was accepted.
+        ``probe``: ask whether there is any first (a claim costs a transaction)."""
         self._check()
         ctx = self._ctx
         try:
-            if not await self._store.has_active_input(ctx.session_id, ctx.turn_id, kind):
+            if probe and not await self._store.has_active_input(ctx.session_id, ctx.turn_id, kind):
                 return False
             claim = await self._store.claim_active_turn_inputs(
                 self._guard.fence, self._owner, ctx.turn_id, kind, MAX_CLAIM_INPUTS

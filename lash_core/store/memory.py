@@ -34,6 +34,7 @@ from lash_core.errors import (
     LeaseLost,
     SessionMismatch,
     SourceKeyConflict,
+    SteeringPending,
     Superseded,
     TurnCommitConflict,
 )
@@ -719,16 +720,19 @@ class InMemoryStore(Store):
         self, session_id: str, turn_id: str, checkpoint: CheckpointKind
     ) -> bool:
         async with self._lock:
-            now = self._now()
-            s = self._read(session_id)
-            return any(
-                r.state is InputState.PENDING_ACTIVE
-                and isinstance(r.ingress, ActiveTurnIngress)
-                and r.ingress.turn_id == turn_id
-                and boundary_admits(r.ingress.min_boundary, checkpoint)
-                and not s.claim_live(r.claim, now)
-                for r in s.inputs.values()
-            )
+            return self._steering_pending(self._read(session_id), turn_id, checkpoint)
+
+    def _steering_pending(self, s: _Session, turn_id: str, checkpoint: CheckpointKind) -> bool:
+        """Whether ``turn_id`` could accept steering input of ``s`` at ``checkpoint``."""
+        now = self._now()
+        return any(
+            r.state is InputState.PENDING_ACTIVE
+            and isinstance(r.ingress, ActiveTurnIngress)
+            and r.ingress.turn_id == turn_id
+            and boundary_admits(r.ingress.min_boundary, checkpoint)
+            and not s.claim_live(r.claim, now)
+            for r in s.inputs.values()
+        )
 
     # ------------------------------------------------------------------ queued commands
 
@@ -938,6 +942,10 @@ class InMemoryStore(Store):
                 raise HeadRevisionConflict(
                     s.session_id, commit.expected_head_revision, s.head_revision
                 )
+            turn = commit.turn
+            checkpoint = commit.steering_checkpoint
+            if turn and checkpoint and self._steering_pending(s, turn.turn_id, checkpoint):
+                raise SteeringPending(s.session_id, turn.turn_id)
             self._complete_claims(s, commit, now)
 
             new_nodes: list[MessageNode] = []

@@ -11,6 +11,7 @@ from lash_core.errors import (
     HeadRevisionConflict,
     LeaseLost,
     SessionMismatch,
+    SteeringPending,
     Superseded,
     TurnCommitConflict,
 )
@@ -437,3 +438,50 @@ async def test_TC_graph_replace_and_active_path(store: Store) -> None:
     await store.commit(commit("s", lease, graph=GraphReplace()))
     empty = await store.load_state("s")
     assert empty.nodes == [] and empty.leaf_node_id is None and empty.head_revision == 2
+
+
+async def test_TC_steering_checkpoint_commit_writes_nothing_while_steering_is_pending(
+    store: Store,
+) -> None:
+    """A final commit made at a checkpoint (``steering_checkpoint``) checks it under the
+    lease: steering input the turn can take there makes it write nothing and raise
+    ``SteeringPending``; steering for another turn, or none, lets it commit."""
+    lease = await lease_for(store, "s")
+    start = await store.start_turn(lease.fence(), "T", require_inputs=False)
+    assert start is not None
+    at_checkpoint = commit(
+        "s",
+        lease,
+        graph=append(node("n1", "answer", turn="T")),
+        turn=final("T"),
+        defer_active_inputs_of_turn="T",
+        release_lease_if_idle=True,
+        steering_checkpoint="before_completion",
+    )
+    assert (
+        at_checkpoint.commit_hash()
+        == at_checkpoint.model_copy(update={"steering_checkpoint": None}).commit_hash()
+    )
+    b = await store.enqueue_input(draft("s", "B", ingress=active("T", "before_completion")))
+    last_seq = (await store.events_after("s", 0)).last_seq
+    with pytest.raises(SteeringPending) as err:
+        await store.commit(at_checkpoint)
+    assert (err.value.session_id, err.value.turn_id) == ("s", "T")
+    state = await store.load_state("s")
+    assert state.head_revision == 0 and state.nodes == []
+    assert (await store.events_after("s", 0)).last_seq == last_seq
+    held = await store.read_lease("s")
+    assert held is not None and held.running_turn_id == "T"
+    # The turn takes the input at that checkpoint, then its commit goes through.
+    claim = await store.claim_active_turn_inputs(
+        lease.fence(), lease.owner, "T", "before_completion"
+    )
+    assert claim is not None and [r.input_id for r in claim.inputs] == [b.record.input_id]
+    await store.enqueue_input(draft("s", "O", ingress=active("other")))
+    result = await store.commit(
+        at_checkpoint.model_copy(update={"completed_input_claims": [claim.completion()]})
+    )
+    assert result.head_revision == 1 and not result.replayed
+    assert result.deferred_input_ids == []
+    stored_b = await store.get_input("s", b.record.input_id)
+    assert stored_b is not None and stored_b.state is InputState.COMPLETED

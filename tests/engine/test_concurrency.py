@@ -24,7 +24,7 @@ from lash_core.outcomes import Stopped
 from lash_core.store.base import Residency, Store
 from lash_core.transcript import active_path
 from tests.engine.support import agent, new_session_id, owner, wait_until
-from tests.engine.test_turns import admit, committed_events, transcript
+from tests.engine.test_turns import LoopingProvider, admit, committed_events, transcript
 
 
 async def steer(
@@ -84,12 +84,13 @@ async def test_steering_during_a_slow_turn_is_accepted_at_a_checkpoint(store: St
 
 
 class SteerAtCommit:
-    """Delegates to a store, admitting steering input just before each final commit:
-    the input arrives after the last checkpoint and must be deferred, not lost."""
+    """Delegates to a store, admitting steering input just before the first final commit
+    (after the turn's last model call) and recording the commits it passes on."""
 
     def __init__(self, inner: Store) -> None:
         self._inner = inner
         self.steered: list[str] = []
+        self.commits: list[RuntimeCommit] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
@@ -99,19 +100,52 @@ class SteerAtCommit:
             self.steered.append(
                 await steer(self._inner, commit.session_id, commit.turn.turn_id, "late")
             )
+        self.commits.append(commit)
         return await self._inner.commit(commit)
 
 
-async def test_steering_after_the_last_checkpoint_is_deferred_to_the_next_turn(
-    store: Store,
-) -> None:
+async def test_steering_before_the_final_commit_is_taken_into_the_turn(store: Store) -> None:
+    """A finished turn leaves its last checkpoint to the final commit: steering admitted
+    after the last model call makes that commit write nothing and the turn go on."""
     sid = new_session_id()
-    await admit(store, sid, "first")
+    first = await admit(store, sid, "first")
     proxy = SteerAtCommit(store)
     driver = SessionDriver(proxy, agent(), owner("w1"))  # type: ignore[arg-type]
     report = await driver.drain(sid)
     (late,) = proxy.steered
-    assert report.turns[0].deferred_input_ids == [late]
+    assert len(report.turns) == 1
+    assert report.turns[0].input_ids == [first, late]
+    assert report.turns[0].deferred_input_ids == []
+    assert report.turns[0].outcome.finish.text == "echo: late"  # type: ignore[union-attr]
+    assert [c.steering_checkpoint for c in proxy.commits] == [
+        "before_completion",
+        "before_completion",
+    ]
+    assert await transcript(store, sid) == [
+        ("user", "first"),
+        ("assistant", "echo: first"),
+        ("user", "late"),
+        ("assistant", "echo: late"),
+    ]
+    events = [e.type for e in (await store.events_after(sid, 0)).events]
+    assert events.count("turn.committed") == 1 and "input.accepted" in events
+    await assert_each_input_once(store, sid)
+
+
+async def test_steering_at_the_final_commit_of_a_stopped_turn_is_deferred(store: Store) -> None:
+    """A turn that stops (here: out of model calls) has no checkpoint left: steering
+    admitted before its final commit is deferred to the next turn, not lost."""
+    sid = new_session_id()
+    await admit(store, sid, "loop")
+    proxy = SteerAtCommit(store)
+    looping = agent(provider=LoopingProvider(), max_iterations=2)
+    driver = SessionDriver(proxy, looping, owner("w1"))  # type: ignore[arg-type]
+    report = await driver.drain(sid)
+    (late,) = proxy.steered
+    first = report.turns[0]
+    assert isinstance(first.outcome, Stopped) and first.outcome.stop == "max_turns"
+    assert first.deferred_input_ids == [late]
+    assert proxy.commits[0].steering_checkpoint is None
     # The same drain looks again after its commit and runs the deferred input.
     assert len(report.turns) == 2 and report.turns[1].input_ids == [late]
     await assert_each_input_once(store, sid)

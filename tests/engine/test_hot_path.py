@@ -44,15 +44,16 @@ def counted(store: Store) -> Counter[str]:
     return calls
 
 
-async def test_a_single_input_drain_is_three_store_calls(store: Store) -> None:
+async def test_a_single_input_drain_is_two_store_calls(store: Store) -> None:
     sid = new_session_id()
     await admit(store, sid, "hello")
     calls = counted(store)
     report = await SessionDriver(store, agent(), owner("w1")).drain(sid)
     assert len(report.turns) == 1
-    # Acquire + start, the steering probe, and the final commit that releases the lease:
-    # no command lookups, no peeks, no separate release and no re-check after it.
-    assert calls == Counter({"acquire_and_start_turn": 1, "has_active_input": 1, "commit": 1})
+    # Acquire + start, and the final commit that checks the last steering checkpoint and
+    # releases the lease: no steering probe, no command lookups, no peeks, no separate
+    # release and no re-check after it.
+    assert calls == Counter({"acquire_and_start_turn": 1, "commit": 1})
     lease = await store.read_lease(sid)
     assert lease is not None and lease.lease_token is None
 
@@ -63,13 +64,13 @@ async def test_queued_turns_continue_without_releasing(store: Store) -> None:
     first = await admit(store, sid, "one")
     calls = counted(store)
 
-    async def admit_during_turn(*args: Any, **kwargs: Any) -> bool:
-        if calls["has_active_input"] == 0:  # the first turn is running
+    async def admit_during_turn(*args: Any, **kwargs: Any) -> Any:
+        if calls["commit"] == 0:  # the first turn is about to commit
             await admit(store, sid, "two")
-        return await probe(*args, **kwargs)
+        return await commit(*args, **kwargs)
 
-    probe = store.has_active_input
-    store.has_active_input = admit_during_turn  # type: ignore[method-assign]
+    commit = store.commit
+    store.commit = admit_during_turn  # type: ignore[method-assign]
     report = await driver.drain(sid)
     assert [t.input_ids[0] == first for t in report.turns] == [True, False]
     assert calls["acquire_and_start_turn"] == 1 and calls["start_turn"] == 1

@@ -39,6 +39,7 @@ from lash_core.errors import (
     RetryableStoreError,
     SessionMismatch,
     SourceKeyConflict,
+    SteeringPending,
     Superseded,
     TurnCommitConflict,
 )
@@ -301,6 +302,27 @@ _COMPLETE_AND_DEFER = text(
                           AND NOT (batch_id = ANY(:bids))) AS command_pending
                 """.replace("{open_states}", _OPEN_STATES_SQL)
 )
+
+
+#: Steering input aimed at turn ``:steer_t`` of session ``:s`` and not yet accepted (none
+#: when ``:steer_t`` is null); :func:`_admits_steering` decides whether a checkpoint may
+#: take any of it.
+_STEERING_ROWS_SQL = (
+    f"SELECT {INPUT_COLUMNS} FROM lash_pending_inputs WHERE session_id = :s"
+    " AND state = 'pending_active' AND ingress->>'turn_id' = :steer_t ORDER BY enqueue_seq"
+)
+
+
+def _admits_steering(
+    rows: Sequence[PendingTurnInput], turn_id: str, checkpoint: CheckpointKind, generation: int
+) -> bool:
+    """Whether ``checkpoint`` of ``turn_id`` (under lease ``generation``) could claim any
+    of ``rows``."""
+    return bool(
+        rules.select_active_claim(
+            rows, turn_id=turn_id, checkpoint=checkpoint, generation=generation, max_inputs=1
+        )
+    )
 
 
 def _validate_completions(
@@ -1315,22 +1337,16 @@ class PostgresStore(Store):
                 await conn.execute(
                     text(
                         "SELECT (SELECT fencing_token FROM lash_leases WHERE session_id = :s)"
-                        f" AS lease_generation, {INPUT_COLUMNS} FROM lash_pending_inputs"
-                        " WHERE session_id = :s AND state = 'pending_active'"
-                        " AND ingress->>'turn_id' = :t ORDER BY enqueue_seq"
+                        f" AS lease_generation, a.* FROM ({_STEERING_ROWS_SQL}) a"
                     ),
-                    {"s": session_id, "t": turn_id},
+                    {"s": session_id, "steer_t": turn_id},
                 )
             ).all()
         if not found:
             return False
         generation = int(found[0].lease_generation or 0)
         rows = [input_from_row(r._asdict()) for r in found]
-        return bool(
-            rules.select_active_claim(
-                rows, turn_id=turn_id, checkpoint=checkpoint, generation=generation, max_inputs=1
-            )
-        )
+        return _admits_steering(rows, turn_id, checkpoint, generation)
 
     # ------------------------------------------------------------------ commands
 
@@ -1532,11 +1548,15 @@ class PostgresStore(Store):
                     "   WHERE session_id = :s AND input_id = ANY(:ids) FOR UPDATE) i) AS inputs,"
                     " (SELECT json_agg(json_build_array(c.batch_id, c.claim_id, c.claim_token))"
                     "  FROM (SELECT batch_id, claim_id, claim_token FROM lash_session_commands"
-                    "   WHERE session_id = :s AND batch_id = ANY(:bids) FOR UPDATE) c) AS commands"
+                    "   WHERE session_id = :s AND batch_id = ANY(:bids) FOR UPDATE) c) AS commands,"
+                    f" (SELECT json_agg(row_to_json(a)) FROM ({_STEERING_ROWS_SQL}) a) AS steering"
                 ),
                 {
                     "s": sid,
                     "t": commit.turn.turn_id if commit.turn else None,
+                    "steer_t": commit.turn.turn_id
+                    if commit.turn and commit.steering_checkpoint
+                    else None,
                     "ids": [i for c in commit.completed_input_claims for i in c.input_ids],
                     "bids": [b for c in commit.completed_command_claims for b in c.batch_ids],
                 },
@@ -1566,6 +1586,11 @@ class PostgresStore(Store):
         seen_head.append(head)
         if commit.expected_head_revision is not None and commit.expected_head_revision != head:
             raise HeadRevisionConflict(sid, commit.expected_head_revision, head)
+        if commit.turn and commit.steering_checkpoint and head_row.steering:
+            rows = [input_from_row(r) for r in head_row.steering]
+            turn_id = commit.turn.turn_id
+            if _admits_steering(rows, turn_id, commit.steering_checkpoint, lease.fencing_token):
+                raise SteeringPending(sid, turn_id)
         _validate_completions(commit, head_row.inputs or [], head_row.commands or [])
 
         new_head = head + 1
