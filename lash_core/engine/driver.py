@@ -14,11 +14,11 @@ lease row lock and, if there is any, writes nothing, and the turn takes the inpu
 on (:class:`~lash_core.errors.SteeringPending`). The commit releases the lease in the same
 transaction when the session is left idle (``release_lease_if_idle``), which the store
 decides under the lease row lock that every admission must pass, so no re-check is needed
-after it. A
-session command is claimed only when the store reports one pending. The acquisition takes
-the lease only if there is something to run (``only_if_work``), so a drain that finds
-nothing is one transaction with no release; after a separate release (the last turn
-``max_turns`` allows, a cancelled task) the drain simply tries to acquire again.
+after it. A session command is claimed only when the store reports one pending. The
+acquisition takes the lease only if there is something to run (``only_if_work``), so a
+drain that finds nothing is one transaction with no release; after a separate release
+(the last turn ``max_turns`` allows, a cancelled task) the drain simply tries to acquire
+again.
 
 Committed state is cached per session (bounded, least recently used): it is advanced by
 each commit made here and trusted for a new turn only while the turn starts from exactly

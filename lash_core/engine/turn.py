@@ -155,11 +155,11 @@ class TurnRunner:
     async def _finish(self, body: Awaitable[TurnOutcome]) -> TurnOutput:
         task_cancelled = False
         outcome: TurnOutcome
+        # Set by the loop only as it returns a finished outcome: any other end has none.
         self.final_checkpoint = None
         try:
             outcome = await body
         except _Interrupt as it:
-            self.final_checkpoint = None
             if it.kind == "lease_lost":
                 return self._lost()
             outcome = Stopped(stop="cancelled", message=it.reason)
@@ -172,13 +172,10 @@ class TurnRunner:
             if current is not None:
                 current.uncancel()
             task_cancelled = True
-            self.final_checkpoint = None
             outcome = Stopped(stop="cancelled", message="turn task cancelled")
         except ProviderError as exc:
-            self.final_checkpoint = None
             outcome = Stopped(stop="provider_error", message=str(exc))
         except Exception as exc:
-            self.final_checkpoint = None
             log.exception("turn_runtime_error", session_id=self._ctx.session_id)
             outcome = Stopped(stop="runtime_error", message=f"{type(exc).__name__}: {exc}")
         if self._guard.is_lost:
