@@ -28,6 +28,9 @@ class BenchOptions:
     inputs_per_session: int = 5
     concurrency: int = 16
     modes: list[str] = field(default_factory=lambda: ["throughput", "latency"])
+    # Throughput mode: baseline/pipeline pairs per W, alternating which runs first; the
+    # table then adds each W's medians (a shared machine drifts between runs).
+    repeat: int = 1
     # Latency mode: inputs per second; None = half the measured maximum turn rate.
     rate: float | None = None
     latency_workers: int | None = None
@@ -107,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=_modes,
         help="comma list of throughput, latency, scale; all; none (default throughput,latency)",
     )
+    add(
+        "--repeat",
+        type=int,
+        help="throughput mode: interleaved baseline/pipeline pairs per W, with medians (default 1)",
+    )
     add("--rate", type=float, help="latency mode: inputs/s (default: half the max turns/s)")
     add("--latency-workers", type=int, help="latency and scale modes: W (default max --workers)")
     add("--latency-duration", type=float, help="latency mode: seconds of publishing (default 30)")
@@ -160,6 +168,7 @@ def parse_options(argv: list[str] | None = None) -> BenchOptions:
         "inputs_per_session": args.inputs_per_session,
         "concurrency": args.concurrency,
         "modes": args.modes,
+        "repeat": args.repeat,
         "rate": args.rate,
         "latency_workers": args.latency_workers,
         "latency_duration_s": args.latency_duration,
@@ -182,7 +191,13 @@ def parse_options(argv: list[str] | None = None) -> BenchOptions:
     opts.progress = not args.no_progress
     opts.keep_logs = args.keep_logs
     opts.worker_env = dict(args.worker_env)
-    for name in ("sessions", "inputs_per_session", "concurrency", "scale_inputs_per_session"):
+    for name in (
+        "sessions",
+        "inputs_per_session",
+        "concurrency",
+        "scale_inputs_per_session",
+        "repeat",
+    ):
         if getattr(opts, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be at least 1")
     return opts

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +21,23 @@ def _mib(kib: int | None) -> str:
     return "-" if not kib else f"{kib / 1024:.0f}"
 
 
+def _load(run: dict[str, Any]) -> tuple[str, int, int, int]:
+    """What makes two runs comparable: mode, W and the workload's shape."""
+    return (run["mode"], run["workers"], run["sessions"], run["inputs_per_session"])
+
+
 def attach_baseline_ratios(runs: list[dict[str, Any]]) -> None:
-    """Give each pipeline run its ratio to the baseline run of the same mode, W and load."""
+    """Give each pipeline run its ratio to the baseline run of the same mode, W and load,
+    and with ``--repeat`` of the same pair (the baseline measured beside it)."""
     baselines = {
-        (r["mode"], r["workers"], r["sessions"], r["inputs_per_session"]): r
+        (*_load(r), r.get("repeat", 0)): r
         for r in runs
         if r.get("kind") == "baseline" and "error" not in r
     }
     for run in runs:
         if run.get("kind") != "pipeline" or "error" in run:
             continue
-        base = baselines.get(
-            (run["mode"], run["workers"], run["sessions"], run["inputs_per_session"])
-        )
+        base = baselines.get((*_load(run), run.get("repeat", 0)))
         if base is None:
             run["vs_baseline"] = None
             continue
@@ -125,6 +131,78 @@ def render_table(runs: list[dict[str, Any]]) -> str:
     for run in failures:
         first = run["error"].strip().splitlines()[0] if run["error"].strip() else "?"
         lines.append(f"FAILED {run['mode']}/{run['kind']} W={run['workers']}: {first[:200]}")
+    return "\n".join(lines)
+
+
+def _spread(values: list[float]) -> dict[str, float] | None:
+    if not values:
+        return None
+    return {
+        "median": round(statistics.median(values), 3),
+        "min": round(min(values), 3),
+        "max": round(max(values), 3),
+    }
+
+
+def summarise_repeats(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per mode, W and load measured more than once (``--repeat``): the median, least and
+    greatest of each figure over the completed runs, and of the per-pair ratios."""
+    groups: dict[tuple[str, int, int, int], list[dict[str, Any]]] = {}
+    for run in runs:
+        if "error" not in run and "repeat" in run:
+            groups.setdefault(_load(run), []).append(run)
+    out: list[dict[str, Any]] = []
+    for (mode, workers, sessions, k), group in groups.items():
+        pipeline = [r for r in group if r["kind"] == "pipeline"]
+        baseline = [r for r in group if r["kind"] == "baseline"]
+        if max(len(pipeline), len(baseline)) < 2:
+            continue
+
+        def figures(rs: list[dict[str, Any]], get: Callable[[dict[str, Any]], Any]) -> list[float]:
+            return [float(v) for v in (get(r) for r in rs) if v is not None]
+
+        out.append(
+            {
+                "mode": mode,
+                "workers": workers,
+                "sessions": sessions,
+                "inputs_per_session": k,
+                "pipeline_runs": len(pipeline),
+                "baseline_runs": len(baseline),
+                "pipeline_inputs_per_s": _spread(figures(pipeline, lambda r: r["inputs_per_s"])),
+                "pipeline_turns_per_s": _spread(figures(pipeline, lambda r: r["turns_per_s"])),
+                "baseline_inputs_per_s": _spread(figures(baseline, lambda r: r["inputs_per_s"])),
+                "ratio": _spread(
+                    figures(pipeline, lambda r: (r.get("vs_baseline") or {}).get("inputs_per_s"))
+                ),
+                "pipeline_cpu_ms_per_turn": _spread(
+                    figures(pipeline, lambda r: r.get("cpu", {}).get("ms_per_turn"))
+                ),
+                "pipeline_p99_ms": _spread(figures(pipeline, lambda r: r["latency_ms"].get("p99"))),
+            }
+        )
+    return out
+
+
+def render_repeats(summaries: list[dict[str, Any]]) -> str:
+    """One line per repeated W: medians, with the least and greatest in brackets."""
+
+    def cell(spread: dict[str, float] | None, digits: int = 1) -> str:
+        if spread is None:
+            return "-"
+        return (
+            f"{spread['median']:.{digits}f} [{spread['min']:.{digits}f}-{spread['max']:.{digits}f}]"
+        )
+
+    lines = ["medians over repeated runs [least-greatest]:"]
+    for s in summaries:
+        lines.append(
+            f"  {s['mode']} W={s['workers']} {s['sessions']}x{s['inputs_per_session']}: "
+            f"x base {cell(s['ratio'], 3)} over {s['pipeline_runs']} runs; "
+            f"pipeline inputs/s {cell(s['pipeline_inputs_per_s'])}; "
+            f"baseline msg/s {cell(s['baseline_inputs_per_s'])}; "
+            f"cpu ms/turn {cell(s['pipeline_cpu_ms_per_turn'], 2)}"
+        )
     return "\n".join(lines)
 
 

@@ -34,7 +34,14 @@ from typing import Any
 from bench import profiling
 from bench.measure import RunFailed, RunSpec, measure
 from bench.options import BenchOptions, parse_options
-from bench.report import attach_baseline_ratios, render_statements, render_table, write_json
+from bench.report import (
+    attach_baseline_ratios,
+    render_repeats,
+    render_statements,
+    render_table,
+    summarise_repeats,
+    write_json,
+)
 from bench.targets import BaselineTarget, PipelineTarget, Target
 
 
@@ -94,9 +101,16 @@ async def run_bench(opts: BenchOptions, stamp: str | None = None) -> dict[str, A
     latency_rate: float | None = None
     if "throughput" in opts.modes:
         for w in opts.workers:
-            if opts.baseline:
-                runs.append(await _attempt(baseline, spec("throughput", w, s, k), opts))
-            runs.append(await _attempt(pipeline, spec("throughput", w, s, k), opts))
+            for repeat in range(opts.repeat):
+                # Alternate which system runs first, so a machine that drifts (or a run
+                # that leaves work behind for the next) favours neither.
+                targets: list[Target] = [baseline, pipeline] if opts.baseline else [pipeline]
+                if repeat % 2:
+                    targets.reverse()
+                for target in targets:
+                    record = await _attempt(target, spec("throughput", w, s, k), opts)
+                    record["repeat"] = repeat
+                    runs.append(record)
 
     if "latency" in opts.modes:
         w = opts.latency_w
@@ -160,6 +174,7 @@ async def run_bench(opts: BenchOptions, stamp: str | None = None) -> dict[str, A
         },
         "options": options,
         "runs": runs,
+        "repeats": summarise_repeats(runs),
         "profile": profile_info,
     }
 
@@ -211,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     path = opts.json_path or opts.results_dir / f"{results['started_at']}.json"
     write_json(Path(path), results)
     print(render_table(results["runs"]))
+    if results.get("repeats"):
+        print(f"\n{render_repeats(results['repeats'])}")
     for run in results["runs"]:
         if run.get("statements"):
             print(f"\nSQL statements per turn, {run['mode']} W={run['workers']}:")

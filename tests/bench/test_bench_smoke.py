@@ -16,7 +16,13 @@ import pytest
 from bench.measure import RunSpec, measure
 from bench.options import BenchOptions, parse_options
 from bench.profiling import summarize_collapsed
-from bench.report import attach_baseline_ratios, render_table, write_json
+from bench.report import (
+    attach_baseline_ratios,
+    render_repeats,
+    render_table,
+    summarise_repeats,
+    write_json,
+)
 from bench.run import latency_shape, run_bench
 from bench.statements import count_statements, statements_report
 from bench.stats import latency_summary, percentile
@@ -196,3 +202,46 @@ def test_report_ratio_and_options() -> None:
     opts = parse_options(["--quick", "--workers", "1,3", "--modes", "all", "--rate", "5"])
     assert opts.workers == [1, 3] and opts.sessions == 20 and opts.rate == 5.0
     assert opts.modes == ["throughput", "latency", "scale"] and opts.latency_w == 3
+
+
+def test_repeated_runs_pair_with_their_own_baseline_and_give_medians() -> None:
+    def run(kind: str, repeat: int, inputs_per_s: float, cpu: float = 5.0) -> dict[str, Any]:
+        return {
+            "kind": kind,
+            "mode": "throughput",
+            "workers": 2,
+            "sessions": 10,
+            "inputs_per_session": 5,
+            "repeat": repeat,
+            "inputs_per_s": inputs_per_s,
+            "turns_per_s": inputs_per_s / 2,
+            "latency_ms": {"p99": 100.0 + repeat},
+            "cpu": {"ms_per_turn": cpu},
+        }
+
+    runs = [
+        run("baseline", 0, 1000.0),
+        run("pipeline", 0, 400.0, 6.0),
+        run("pipeline", 1, 300.0, 5.0),  # the second pair runs the pipeline first
+        run("baseline", 1, 500.0),
+        run("baseline", 2, 800.0),
+        run("pipeline", 2, 360.0, 7.0),
+        {**run("pipeline", 3, 1.0), "error": "stalled"},  # a failed run counts nowhere
+    ]
+    attach_baseline_ratios(runs)
+    ratios = [r["vs_baseline"]["inputs_per_s"] for r in runs[:6] if r["kind"] == "pipeline"]
+    assert ratios == [0.4, 0.6, 0.45]
+    assert "vs_baseline" not in runs[6]
+    (summary,) = summarise_repeats(runs)
+    assert summary["pipeline_runs"] == 3 and summary["baseline_runs"] == 3
+    assert summary["ratio"] == {"median": 0.45, "min": 0.4, "max": 0.6}
+    assert summary["pipeline_inputs_per_s"] == {"median": 360.0, "min": 300.0, "max": 400.0}
+    assert summary["baseline_inputs_per_s"]["median"] == 800.0
+    assert summary["pipeline_cpu_ms_per_turn"]["median"] == 6.0
+    text = render_repeats([summary])
+    assert "W=2 10x5: x base 0.450 [0.400-0.600] over 3 runs" in text
+    # One run per W (no --repeat) gives no summary line.
+    assert summarise_repeats([run("baseline", 0, 1.0), run("pipeline", 0, 1.0)]) == []
+    assert parse_options(["--repeat", "3"]).repeat == 3
+    with pytest.raises(SystemExit):
+        parse_options(["--repeat", "0"])
