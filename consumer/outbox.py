@@ -28,11 +28,15 @@ import random
 import time
 import zlib
 from collections.abc import Sequence
+from typing import Any
 
 import aio_pika
 import aiormq
 import psycopg
 from aio_pika.abc import AbstractChannel, AbstractExchange
+from aiormq.abc import ChannelFrame
+from pamqp import commands as spec
+from pamqp.header import ContentHeader
 
 from consumer.observability.logs import get_logger
 from consumer.observability.metrics import OUTBOX_BACKLOG, OUTBOX_LAG, OUTBOX_PUBLISHED
@@ -64,40 +68,132 @@ def released_marker(namespace: str) -> str:
     return RELEASED_PREFIX + namespace
 
 
-async def send(exchange: AbstractExchange, message: aio_pika.Message, routing_key: str) -> None:
-    """Publish ``message`` (not mandatory); on a confirm channel, return once confirmed.
+Outgoing = tuple[bytes, spec.Basic.Properties, str]
+"""One message to publish: its body, its AMQP properties and its routing key."""
+
+#: What :func:`publish_confirmed` uses of an aiormq channel besides ``basic_publish``.
+_BATCH_INTERNALS = (
+    "lock",
+    "delivery_tag",
+    "confirmations",
+    "write_queue",
+    "number",
+    "create_future",
+    "_split_body",
+)
+
+
+def properties(
+    message_type: str, session_id: str, *, message_id: str | None = None, persistent: bool
+) -> spec.Basic.Properties:
+    """The AMQP properties of an observation event (CONTRACT.md "Observation events")."""
+    return spec.Basic.Properties(
+        content_type=JSON,
+        delivery_mode=2 if persistent else 1,
+        headers={"session_id": session_id},
+        message_id=message_id,
+        message_type=message_type,
+    )
+
+
+def event_properties(event: OutboxMessage) -> spec.Basic.Properties:
+    """The properties of one durable event: persistent, ``message_id = <session>:<seq>``."""
+    return properties(event.type, event.session_id, message_id=event.message_id, persistent=True)
+
+
+async def _underlay(exchange: AbstractExchange) -> aiormq.Channel | None:
+    owner = getattr(exchange, "channel", None)
+    channel = await owner.get_underlay_channel() if isinstance(owner, AbstractChannel) else None
+    return channel if isinstance(channel, aiormq.Channel) else None
+
+
+async def send(exchange: AbstractExchange, message: Outgoing) -> None:
+    """Publish one message (not mandatory); on a confirm channel, return once confirmed.
 
     Unlike ``exchange.publish``, this does not hold the channel's lock until the frame is
     on the socket (``wait=False``): that wait costs one event-loop turn per message, and
-    a busy worker's loop turn is long, so a batch published with it trickles out one
-    message per turn. Frames still leave in call order (the channel lock is taken in
-    order and the write queue is FIFO), and a broker nack still raises.
+    a busy worker's loop turn is long. A broker nack still raises.
     """
-    owner = getattr(exchange, "channel", None)
-    channel = await owner.get_underlay_channel() if isinstance(owner, AbstractChannel) else None
-    if not isinstance(channel, aiormq.Channel):
-        await exchange.publish(message, routing_key=routing_key, mandatory=False)
+    body, props, routing_key = message
+    channel = await _underlay(exchange)
+    if channel is None:
+        await exchange.publish(
+            aio_pika.Message(
+                body,
+                content_type=props.content_type,
+                delivery_mode=props.delivery_mode,
+                headers=props.headers,
+                message_id=props.message_id,
+                type=props.message_type,
+            ),
+            routing_key=routing_key,
+            mandatory=False,
+        )
         return
     await channel.basic_publish(
-        message.body,
+        body,
         exchange=exchange.name,
         routing_key=routing_key,
-        properties=message.properties,
+        properties=props,
         mandatory=False,
         wait=False,
     )
 
 
-def event_message(event: OutboxMessage) -> aio_pika.Message:
-    """The AMQP message of one durable event (CONTRACT.md "Observation events")."""
-    return aio_pika.Message(
-        event.body,
-        content_type=JSON,
-        message_id=event.message_id,
-        type=event.type,
-        headers={"session_id": event.session_id},
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-    )
+async def publish_confirmed(
+    exchange: AbstractExchange, messages: Sequence[Outgoing]
+) -> list[BaseException | None]:
+    """Publish ``messages`` in order (not mandatory) on a confirm channel and wait for the
+    broker; the outcome of each: ``None`` once confirmed, else the error (a nack, a closed
+    channel).
+
+    The batch leaves as one write: under the channel lock, every message takes the next
+    delivery tag and a confirmation future exactly as ``basic_publish`` registers them,
+    and all their frames are queued to the connection as one payload. One
+    ``basic_publish`` per message costs a timeout context, a lock round, a queue slot and a
+    socket write each; measured on the development machine (batches of 30, 6,000
+    messages), one write per batch took 50-56 us of worker CPU and 30-37 us of broker CPU
+    per message, against 129-130 and 60-68. Where the channel lacks what this relies on,
+    each message goes through :func:`send` instead.
+    """
+    if not messages:
+        return []
+    channel = await _underlay(exchange)
+    if (
+        channel is None
+        or not channel.publisher_confirms
+        or not all(hasattr(channel, name) for name in _BATCH_INTERNALS)
+    ):
+        outcomes = await asyncio.gather(
+            *(send(exchange, message) for message in messages), return_exceptions=True
+        )
+        return [o if isinstance(o, BaseException) else None for o in outcomes]
+    confirmations: list[asyncio.Future[Any]] = []
+    async with channel.lock:
+        first = channel.delivery_tag
+        try:
+            frames: list[Any] = []
+            for body, props, routing_key in messages:
+                frames.append(spec.Basic.Publish(exchange=exchange.name, routing_key=routing_key))
+                frames.append(ContentHeader(properties=props, body_size=len(body)))
+                frames.extend(channel._split_body(body))
+            payload = ChannelFrame.marshall(frames=frames, channel_number=channel.number)
+            for tag in range(first + 1, first + 1 + len(messages)):
+                confirmation = channel.create_future()
+                channel.confirmations[tag] = confirmation
+                confirmations.append(confirmation)
+            channel.delivery_tag = first + len(messages)
+            await channel.write_queue.put(payload)
+        except BaseException:
+            # Nothing reached the broker: give the delivery tags back, as basic_publish does.
+            channel.delivery_tag = first
+            for tag in range(first + 1, first + 1 + len(confirmations)):
+                channel.confirmations.pop(tag, None)
+            for confirmation in confirmations:
+                confirmation.cancel()
+            raise
+    outcomes = await asyncio.gather(*confirmations, return_exceptions=True)
+    return [o if isinstance(o, BaseException) else None for o in outcomes]
 
 
 class ShardLocks:
@@ -277,22 +373,22 @@ class OutboxRelay:
         return full
 
     async def _publish(self, events: Sequence[OutboxMessage]) -> None:
-        """Publish a batch pipelined: every message is sent, then the confirms are awaited
-        together (one round trip per batch, not one per event, which under load would
-        cost a full event-loop turn each). The channel sends in call order, so each
-        session's events leave in ``seq`` order; a session's events are marked published
-        only up to its first unconfirmed one, and the rest go again, in order, next pass."""
+        """Publish a batch as one write and await its confirms together (see
+        :func:`publish_confirmed`). Messages leave in call order, so each session's events
+        leave in ``seq`` order; a session's events are marked published only up to its first
+        unconfirmed one, and the rest go again, in order, next pass."""
         ordered = sorted(events, key=lambda e: (e.session_id, e.seq))
         with span("lash.publish", events=len(ordered)):
-            results = await asyncio.gather(
-                *(self._publish_one(event) for event in ordered), return_exceptions=True
+            results = await publish_confirmed(
+                self._exchange, [(e.body, event_properties(e), e.type) for e in ordered]
             )
         done: list[OutboxMessage] = []
         failed: set[str] = set()
+        now = time.time()
         for event, result in zip(ordered, results, strict=True):
             if event.session_id in failed:
                 continue
-            if isinstance(result, BaseException):
+            if result is not None:
                 failed.add(event.session_id)
                 log.warning(
                     "outbox_publish_failed",
@@ -302,18 +398,14 @@ class OutboxRelay:
                 )
                 continue
             done.append(event)
+            if event.created_at_ms:
+                OUTBOX_LAG.observe(max(0.0, now - event.created_at_ms / 1000))
         if failed:
             self._scan = True  # what failed is retried on the next pass
         if done:
             await self._store.mark_published(done)
             self.published += len(done)
             OUTBOX_PUBLISHED.inc(len(done))
-
-    async def _publish_one(self, event: OutboxMessage) -> None:
-        # Not mandatory: a fanout without observers is normal, not a failure.
-        await send(self._exchange, event_message(event), event.type)
-        if event.created_at_ms:
-            OUTBOX_LAG.observe(max(0.0, time.time() - event.created_at_ms / 1000))
 
     async def flush(self, timeout_s: float) -> None:
         """Publish what the held shards still have, within ``timeout_s`` (shutdown)."""
@@ -351,15 +443,9 @@ class ActivityPublisher:
 
     async def __call__(self, activity: TurnActivity) -> None:
         body = jsontext.dumpb(activity.to_wire())
-        message = aio_pika.Message(
-            body,
-            content_type=JSON,
-            type=activity.type,
-            headers={"session_id": activity.session_id},
-            delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT,
-        )
+        props = properties(activity.type, activity.session_id, persistent=False)
         try:
-            await send(self._exchange, message, activity.type)
+            await send(self._exchange, (body, props, activity.type))
         except Exception as exc:
             self.failures += 1
             if self.failures == 1 or self.failures % 1000 == 0:

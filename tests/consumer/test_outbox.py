@@ -12,7 +12,7 @@ from typing import Any
 import aio_pika
 import pytest
 
-from consumer.outbox import OutboxRelay
+from consumer.outbox import OutboxRelay, properties, publish_confirmed
 from consumer.producer import Producer
 from consumer.topology import Topology, declare
 from lash_core.inputs import TextItem, TurnInput, TurnInputDraft
@@ -207,4 +207,68 @@ async def test_relays_scan_once_per_wake_and_retake_only_on_timer_or_release(
         if closer is not None:
             with contextlib.suppress(Exception):
                 await closer()
+        await connection.close()
+
+
+async def test_a_nacked_publish_stays_unpublished_and_goes_again_in_order(
+    store: Store, db_url: str, amqp_url: str, clean_namespace: str
+) -> None:
+    """A batch goes out as one write; the broker confirms each message on its own. Here a
+    bound queue that holds two messages and rejects more makes the broker nack the rest:
+    only the confirmed prefix is marked published, and the rest goes again, in order, once
+    the broker takes it."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare(channel, clean_namespace, 5)
+        full = await channel.declare_queue(
+            f"{clean_namespace}.full",
+            arguments={"x-max-length": 2, "x-overflow": "reject-publish"},
+        )
+        await full.bind(topology.observations_exchange)
+        await admit(store, "nacked", 5)
+        seqs = sorted(e.seq for e in await store.unpublished_events(100))
+        assert len(seqs) == 5
+
+        relay = _relay(store, topology, db_url, clean_namespace, shards=1, batch=50, poll=0.05)
+        run = asyncio.create_task(relay.run())
+        await _until(lambda: relay.published == 2)
+        scans = relay.scans
+        await _until(lambda: relay.scans >= scans + 3)  # retried, and nacked again
+        assert relay.published == 2
+        assert [e.seq for e in await store.unpublished_events(100)] == seqs[2:]
+        kept = [await full.get(timeout=5) for _ in range(2)]
+        assert [m.message_id for m in kept] == [f"nacked:{s}" for s in seqs[:2]]
+
+        await full.delete(if_unused=False, if_empty=False)  # now nothing refuses them
+        await _until(lambda: relay.published == 5)
+        assert await store.unpublished_events(100) == []
+        await relay.stop()
+        await run
+        await relay.close()
+    finally:
+        await connection.close()
+
+
+async def test_publish_confirmed_without_confirms_sends_each_message(
+    amqp_url: str, clean_namespace: str
+) -> None:
+    """On a channel without publisher confirms there is nothing to batch confirms on:
+    every message still goes, in order, each through ``send``."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=False)
+        topology = await declare(channel, clean_namespace, 5)
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(topology.observations_exchange)
+        messages = [
+            (b"{}", properties("t", "s", message_id=f"s:{i}", persistent=True), "t")
+            for i in range(3)
+        ]
+        assert await publish_confirmed(topology.observations_exchange, messages) == [None] * 3
+        got = [await queue.get(timeout=5) for _ in range(3)]
+        assert [m.message_id for m in got] == ["s:0", "s:1", "s:2"]
+        assert got[0].headers == {"session_id": "s"} and got[0].type == "t"
+        assert got[0].delivery_mode == aio_pika.DeliveryMode.PERSISTENT
+    finally:
         await connection.close()
