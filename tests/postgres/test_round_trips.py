@@ -11,10 +11,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from psycopg.adapt import PyFormat
+from psycopg.types.array import ListBinaryDumper
 
 from lash_core.commit import FinalTurn, RuntimeCommit
 from lash_core.outcomes import AssistantMessageFinish, Finished, Usage
 from lash_core.store.postgres import PostgresStore
+from lash_core.store.postgres.db import text
 from lash_core.transcript import GraphAppend, MessageNode
 from tests.postgres.conftest import acquired, draft, owner, sid
 
@@ -110,3 +113,24 @@ async def test_concurrent_overlapping_batches_admit_everything_once(
         assert len({p.source_key for p in pending}) == 8 * 3
         page = await a.events_after(s, 0)
         assert [e.seq for e in page.events] == list(range(1, 8 * 3 + 1))
+
+
+async def test_lists_bind_as_binary_arrays(stores: tuple[PostgresStore, PostgresStore]) -> None:
+    """The store's connections send lists in psycopg's binary array format (no per-element
+    quoting and escaping, see ``db._configure``), and every kind of value the store
+    passes comes back as it went."""
+    store, _ = stores
+    docs = ['{"text": "a \\"quoted\\" word, a \\\\ and {braces}"}', None, "", "NULL"]
+    async with store.database.single() as conn:
+        assert conn._raw.adapters.get_dumper(list, PyFormat.AUTO) is ListBinaryDumper
+        row = (
+            await conn.execute(
+                text(
+                    "SELECT CAST(:docs AS text[]) AS docs, CAST(:nums AS bigint[]) AS nums,"
+                    " CAST(:none AS text[]) AS none, 'b' = ANY(:ids) AS found"
+                ),
+                {"docs": docs, "nums": [1, 2**40, -3], "none": [], "ids": ["a", "b"]},
+            )
+        ).one()
+    assert row.docs == docs and row.nums == [1, 2**40, -3]
+    assert row.none == [] and row.found is True

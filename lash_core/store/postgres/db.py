@@ -30,6 +30,7 @@ from typing import Any
 import psycopg
 from psycopg import pq
 from psycopg.rows import RowMaker
+from psycopg.types.array import ListBinaryDumper
 from psycopg_pool import AsyncConnectionPool
 
 from lash_core.errors import StoreError
@@ -144,9 +145,17 @@ async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     the store's statements come from a few dozen fixed shapes, each run thousands of times,
     so a pooled connection should plan each once. With the connections'
     ``plan_cache_mode=force_generic_plan`` (see ``PostgresStore.start``) the server then
-    reuses that plan instead of planning again for each execution."""
+    reuses that plan instead of planning again for each execution.
+
+    Lists are sent as binary arrays. psycopg's default for ``%s`` is its text array
+    format, which quotes each element that needs it and backslash-escapes its quotes with a
+    regular-expression substitution per quote: the store's batches pass arrays of JSON
+    documents, where that dominated binding. Measured on the development machine, a
+    statement with 30 small JSON documents in a ``text[]`` took 629 us against 121 us in
+    binary (values, ``NULL`` elements and empty arrays round-trip the same)."""
     conn.prepare_threshold = 0
     conn.prepared_max = 256
+    conn.adapters.register_dumper(list, ListBinaryDumper)
 
 
 class Database:
