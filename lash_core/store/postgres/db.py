@@ -19,8 +19,10 @@ are named tuples: ``row.column``, ``row[0]`` and ``row._asdict()``.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
+import weakref
 from collections import namedtuple
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -28,6 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.errors
+import psycopg.sql
 from psycopg import pq
 from psycopg.rows import RowMaker
 from psycopg.types.array import ListBinaryDumper
@@ -50,6 +54,31 @@ class Sql:
 
     source: str
     query: str
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A statement prepared by name with SQL ``PREPARE`` on each connection that runs it,
+    so that :meth:`Database.transaction` can send ``BEGIN`` and its ``EXECUTE`` in one
+    message. ``source`` has ``$1``, ``$2`` ... parameters of ``types``."""
+
+    name: str
+    types: tuple[str, ...]
+    source: str
+
+    @property
+    def prepare_sql(self) -> str:
+        return f"PREPARE {self.name}({', '.join(self.types)}) AS {self.source}"
+
+
+@dataclass(frozen=True, slots=True)
+class Opening:
+    """The statement a transaction opens with: ``statement`` with ``args``, sent with
+    ``BEGIN``; its result is kept on the :class:`Connection` under ``key`` until taken."""
+
+    statement: Prepared
+    args: tuple[Any, ...]
+    key: object
 
 
 @functools.lru_cache(maxsize=2048)
@@ -120,13 +149,26 @@ class Result:
 class Connection:
     """A pooled connection lent for one transaction or one statement."""
 
-    __slots__ = ("_listeners", "_raw")
+    __slots__ = ("_listeners", "_opened", "_raw")
 
     def __init__(
-        self, raw: psycopg.AsyncConnection[Any], listeners: Sequence[StatementListener]
+        self,
+        raw: psycopg.AsyncConnection[Any],
+        listeners: Sequence[StatementListener],
+        opened: tuple[object, Result] | None = None,
     ) -> None:
         self._raw = raw
         self._listeners = listeners
+        self._opened = opened
+
+    def take_opened(self, key: object) -> Result | None:
+        """The result of the statement the transaction opened with, if it was opened under
+        ``key`` and not taken yet (once: later reads must see this transaction's writes)."""
+        if self._opened is None or self._opened[0] != key:
+            return None
+        result = self._opened[1]
+        self._opened = None
+        return result
 
     async def execute(self, sql: Sql, params: Mapping[str, Any] | None = None) -> Result:
         for listener in self._listeners:
@@ -196,6 +238,10 @@ class Database:
         )
         self._listeners: list[StatementListener] = []
         self._begin_listeners: list[Callable[[], None]] = []
+        # Names of the :class:`Prepared` statements each pooled connection has prepared.
+        self._prepared: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[str]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     async def open(self) -> None:
         await self._pool.open(wait=False)
@@ -219,12 +265,69 @@ class Database:
         self._begin_listeners.remove(listener)
 
     @asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Connection]:
-        """``BEGIN`` ... ``COMMIT`` on one pooled connection; ``ROLLBACK`` if the block raises."""
+    async def transaction(self, opening: Opening | None = None) -> AsyncIterator[Connection]:
+        """``BEGIN`` ... ``COMMIT`` on one pooled connection; ``ROLLBACK`` if the block raises.
+
+        With ``opening``, ``BEGIN`` and the ``EXECUTE`` of its prepared statement go as one
+        simple-protocol message, one network round trip instead of two (the statement is
+        prepared on the connection the first time, with its own round trip). Its result
+        waits on the connection (:meth:`Connection.take_opened`)."""
         for listener in self._begin_listeners:
             listener()
-        async with self._pool.connection() as raw, raw.transaction():
-            yield Connection(raw, self._listeners)
+        if opening is None:
+            async with self._pool.connection() as raw, raw.transaction():
+                yield Connection(raw, self._listeners)
+            return
+        async with self._pool.connection() as raw:
+            opened = await self._open(raw, opening)
+            try:
+                yield Connection(raw, self._listeners, (opening.key, opened))
+            except BaseException:
+                await self._rollback(raw)
+                raise
+            await raw.commit()
+
+    async def _open(self, raw: psycopg.AsyncConnection[Any], opening: Opening) -> Result:
+        """``BEGIN; EXECUTE name(literals)``; the ``EXECUTE`` result's rows.
+
+        psycopg answers every ``ROLLBACK`` it sends (its own transactions' too) with
+        ``DEALLOCATE ALL``, so a statement prepared here can be gone: then it is prepared
+        again and the transaction opened once more."""
+        statement = opening.statement
+        for listener in self._listeners:
+            listener(statement.source)
+        literals = b", ".join(psycopg.sql.Literal(arg).as_bytes(raw) for arg in opening.args)
+        query = b"BEGIN; EXECUTE " + statement.name.encode() + b"(" + literals + b")"
+        prepared = self._prepared.setdefault(raw, set())
+        for attempt in range(2):
+            if statement.name not in prepared:
+                with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
+                    await raw.execute(statement.prepare_sql.encode(), prepare=False)
+                prepared.add(statement.name)
+            try:
+                cursor = await raw.execute(query, prepare=False)
+                cursor.nextset()  # past BEGIN's result, to the statement's
+                result = cursor.pgresult
+                rows = await cursor.fetchall() if result and result.status == _TUPLES_OK else []
+                return Result(rows, cursor.rowcount)
+            except psycopg.errors.InvalidSqlStatementName:
+                await self._rollback(raw)
+                if attempt:
+                    raise
+            except BaseException:
+                await self._rollback(raw)
+                raise
+        raise AssertionError("unreachable")
+
+    async def _rollback(self, raw: psycopg.AsyncConnection[Any]) -> None:
+        """End a transaction the caller is abandoning. psycopg follows its ``ROLLBACK`` with
+        ``DEALLOCATE ALL``, so nothing stays prepared on ``raw``. A connection too broken to
+        roll back is left to the pool, which discards it (the caller's error matters)."""
+        if raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
+            return
+        self._prepared.get(raw, set()).clear()
+        with contextlib.suppress(psycopg.Error):
+            await raw.rollback()
 
     @asynccontextmanager
     async def single(self) -> AsyncIterator[Connection]:

@@ -94,7 +94,7 @@ from lash_core.store.base import (
     VacuumReport,
 )
 from lash_core.store.postgres import notify
-from lash_core.store.postgres.db import Connection, Database, text
+from lash_core.store.postgres.db import Connection, Database, Opening, Prepared, text
 from lash_core.store.postgres.errors import CAS_SQLSTATES, is_driver_error, sqlstate, translate
 from lash_core.store.postgres.migrate import migrate
 from lash_core.store.postgres.rows import (
@@ -123,6 +123,14 @@ from lash_core.transcript import (
 #: The database clock in epoch milliseconds, fixed for the whole transaction.
 NOW_SQL = "floor(extract(epoch from transaction_timestamp()) * 1000)::bigint"
 LockMode = Literal["", "FOR SHARE", "FOR UPDATE"]
+#: ``_now_lease(..., "FOR UPDATE")`` as the prepared statement a transaction can open
+#: with (``_tx(lock_lease=...)``): most transactions on a session's hot path start here.
+_LOCK_LEASE = Prepared(
+    "lash_lock_lease",
+    ("text",),
+    f"SELECT {NOW_SQL} AS now_ms, (SELECT row_to_json(l) FROM lash_leases l "
+    "WHERE l.session_id = $1 FOR UPDATE) AS lease",
+)
 Note = tuple[str, str | None]  # (kind, turn_id)
 
 
@@ -536,14 +544,25 @@ class PostgresStore(Store):
             await db.close()
 
     @asynccontextmanager
-    async def _tx(self, *, single: bool = False) -> AsyncIterator[Connection]:
+    async def _tx(
+        self, *, single: bool = False, lock_lease: str | None = None
+    ) -> AsyncIterator[Connection]:
         """One transaction (``single``: one statement per transaction, no ``BEGIN``);
-        driver errors leave as lash_core errors, never raw."""
+        driver errors leave as lash_core errors, never raw.
+
+        ``lock_lease``: the transaction opens by locking that session's lease row and
+        reading the clock (``_now_lease`` with ``FOR UPDATE``, which must then be its first
+        statement), sent with ``BEGIN`` in one round trip."""
         if self._db is None:
             await self.start()
         assert self._db is not None
+        opening = (
+            None
+            if lock_lease is None
+            else Opening(_LOCK_LEASE, (lock_lease,), ("lease", lock_lease))
+        )
         try:
-            async with self._db.single() if single else self._db.transaction() as conn:
+            async with self._db.single() if single else self._db.transaction(opening) as conn:
                 yield conn
         except (LashError, _Rollback):
             raise
@@ -567,7 +586,12 @@ class PostgresStore(Store):
     async def _now_lease(
         self, conn: Connection, session_id: str, lock: LockMode = ""
     ) -> tuple[int, LeaseRow | None]:
-        """The database clock and the session's lease row (locked as asked), in one trip."""
+        """The database clock and the session's lease row (locked as asked), in one trip
+        (none when the transaction opened with it: ``_tx(lock_lease=...)``)."""
+        opened = conn.take_opened(("lease", session_id)) if lock == "FOR UPDATE" else None
+        if opened is not None:
+            first = opened.one()
+            return int(first.now_ms), lease_from_json(first.lease)
         row = (
             await conn.execute(
                 text(
@@ -1005,7 +1029,7 @@ class PostgresStore(Store):
             return decision.result
 
     async def renew_lease(self, fence: LeaseFence, ttl_ms: int) -> LeaseRow:
-        async with self._tx() as conn:
+        async with self._tx(lock_lease=fence.session_id) as conn:
             now, row = await self._now_lease(conn, fence.session_id, "FOR UPDATE")
             new = lease_rules.decide_renew(row, fence, now, ttl_ms)
             await conn.execute(
@@ -1015,7 +1039,7 @@ class PostgresStore(Store):
             return new
 
     async def release_lease(self, fence: LeaseFence) -> None:
-        async with self._tx() as conn:
+        async with self._tx(lock_lease=fence.session_id) as conn:
             _, row = await self._now_lease(conn, fence.session_id, "FOR UPDATE")
             await self._release(conn, row, fence)
 
@@ -1114,7 +1138,7 @@ class PostgresStore(Store):
         require_inputs: bool = True,
         max_inputs: int = MAX_CLAIM_INPUTS,
     ) -> TurnStart | None:
-        async with self._tx() as conn:
+        async with self._tx(lock_lease=fence.session_id) as conn:
             now, lease = await self._fenced(conn, fence)
             begun = await self._start_turn(
                 conn,
@@ -1197,7 +1221,7 @@ class PostgresStore(Store):
         max_inputs: int = MAX_CLAIM_INPUTS,
         only_if_work: bool = False,
     ) -> TenureStart:
-        async with self._tx() as conn:
+        async with self._tx(lock_lease=session_id) as conn:
             now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
             if row is None:
                 # No lease row yet (admission writes a free one, so this is a session with
@@ -1260,7 +1284,7 @@ class PostgresStore(Store):
     async def claim_next_turn_inputs(
         self, fence: LeaseFence, owner: LeaseOwner, max_inputs: int = MAX_CLAIM_INPUTS
     ) -> TurnInputClaim | None:
-        async with self._tx() as conn:
+        async with self._tx(lock_lease=fence.session_id) as conn:
             now, _ = await self._fenced(conn, fence)
             first_command, rows = await self._open_rows(conn, fence.session_id, fence.fencing_token)
             claim = self._next_turn_claim(fence, owner, now, rows, max_inputs, first_command)
@@ -1282,7 +1306,7 @@ class PostgresStore(Store):
     ) -> TurnInputClaim | None:
         sid = fence.session_id
         try:
-            async with self._tx() as conn:
+            async with self._tx(lock_lease=sid) as conn:
                 now, _ = await self._fenced(conn, fence)
                 rows = await self._active_candidates(conn, sid, turn_id, "FOR UPDATE SKIP LOCKED")
                 chosen = rules.select_active_claim(
@@ -1445,7 +1469,7 @@ class PostgresStore(Store):
         self, fence: LeaseFence, owner: LeaseOwner
     ) -> CommandClaim | None:
         sid = fence.session_id
-        async with self._tx() as conn:
+        async with self._tx(lock_lease=sid) as conn:
             now, _ = await self._fenced(conn, fence)
             row = (
                 await conn.execute(
@@ -1508,7 +1532,7 @@ class PostgresStore(Store):
     async def commit(self, commit: RuntimeCommit) -> CommitResult:
         seen_head: list[int] = []
         try:
-            async with self._tx() as conn:
+            async with self._tx(lock_lease=commit.session_id) as conn:
                 return await self._commit(conn, commit, seen_head)
         except RetryableStoreError as exc:
             cause = exc.__cause__
@@ -1872,7 +1896,7 @@ class PostgresStore(Store):
     async def request_turn_cancel(
         self, session_id: str, turn_id: str | None, reason: str | None = None
     ) -> str | None:
-        async with self._tx() as conn:
+        async with self._tx(lock_lease=session_id) as conn:
             now, lease = await self._now_lease(conn, session_id, "FOR UPDATE")
             if lease is None or not lease.is_live(now) or lease.running_turn_id is None:
                 return None
@@ -1893,7 +1917,7 @@ class PostgresStore(Store):
     # ------------------------------------------------------------------ maintenance
 
     async def delete_session(self, fence: LeaseFence) -> None:
-        async with self._tx() as conn:
+        async with self._tx(lock_lease=fence.session_id) as conn:
             await self._fenced(conn, fence)
             await conn.execute(
                 text(
