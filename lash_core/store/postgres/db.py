@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-import weakref
 from collections import namedtuple
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -146,6 +145,28 @@ class Result:
         return self.one()[0]
 
 
+class PooledConnection(psycopg.AsyncConnection[Any]):
+    """A pool's connection, with what the store keeps per connection: one cursor for all
+    its statements, and the names of the :class:`Prepared` statements it holds.
+
+    A fresh cursor per statement (what ``AsyncConnection.execute`` makes) was about a fifth
+    of psycopg's client CPU per statement: measured on the development machine, 121-131 us
+    against 98-104 us for one statement with four parameters on a reused cursor. A
+    connection is lent to one task at a time, and each statement's rows are read before
+    the next is sent, so one cursor serves them all."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._statement_cursor: psycopg.AsyncCursor[Any] | None = None
+        self.prepared_names: set[str] = set()
+
+    def statement_cursor(self) -> psycopg.AsyncCursor[Any]:
+        cursor = self._statement_cursor
+        if cursor is None or cursor.closed:
+            cursor = self._statement_cursor = self.cursor()
+        return cursor
+
+
 class Connection:
     """A pooled connection lent for one transaction or one statement."""
 
@@ -153,7 +174,7 @@ class Connection:
 
     def __init__(
         self,
-        raw: psycopg.AsyncConnection[Any],
+        raw: PooledConnection,
         listeners: Sequence[StatementListener],
         opened: tuple[object, Result] | None = None,
     ) -> None:
@@ -173,8 +194,9 @@ class Connection:
     async def execute(self, sql: Sql, params: Mapping[str, Any] | None = None) -> Result:
         for listener in self._listeners:
             listener(sql.source)
+        cursor = self._raw.statement_cursor()
         # Always with a mapping, so the escaped ``%%`` of a parameterless query is undone.
-        cursor = await self._raw.execute(sql.query, params or {})
+        await cursor.execute(sql.query, params or {})
         result = cursor.pgresult
         rows = await cursor.fetchall() if result and result.status == _TUPLES_OK else []
         return Result(rows, cursor.rowcount)
@@ -225,8 +247,9 @@ class Database:
         }
         if options:
             kwargs["options"] = options
-        self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
+        self._pool: AsyncConnectionPool[PooledConnection] = AsyncConnectionPool(
             conninfo,
+            connection_class=PooledConnection,
             configure=_configure,
             kwargs=kwargs,
             min_size=min_size,
@@ -238,10 +261,6 @@ class Database:
         )
         self._listeners: list[StatementListener] = []
         self._begin_listeners: list[Callable[[], None]] = []
-        # Names of the :class:`Prepared` statements each pooled connection has prepared.
-        self._prepared: weakref.WeakKeyDictionary[psycopg.AsyncConnection[Any], set[str]] = (
-            weakref.WeakKeyDictionary()
-        )
 
     async def open(self) -> None:
         await self._pool.open(wait=False)
@@ -287,7 +306,7 @@ class Database:
                 raise
             await raw.commit()
 
-    async def _open(self, raw: psycopg.AsyncConnection[Any], opening: Opening) -> Result:
+    async def _open(self, raw: PooledConnection, opening: Opening) -> Result:
         """``BEGIN; EXECUTE name(literals)``; the ``EXECUTE`` result's rows.
 
         psycopg answers every ``ROLLBACK`` it sends (its own transactions' too) with
@@ -298,14 +317,15 @@ class Database:
             listener(statement.source)
         literals = b", ".join(psycopg.sql.Literal(arg).as_bytes(raw) for arg in opening.args)
         query = b"BEGIN; EXECUTE " + statement.name.encode() + b"(" + literals + b")"
-        prepared = self._prepared.setdefault(raw, set())
+        prepared = raw.prepared_names
         for attempt in range(2):
             if statement.name not in prepared:
                 with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
                     await raw.execute(statement.prepare_sql.encode(), prepare=False)
                 prepared.add(statement.name)
             try:
-                cursor = await raw.execute(query, prepare=False)
+                cursor = raw.statement_cursor()
+                await cursor.execute(query, prepare=False)
                 cursor.nextset()  # past BEGIN's result, to the statement's
                 result = cursor.pgresult
                 rows = await cursor.fetchall() if result and result.status == _TUPLES_OK else []
@@ -319,13 +339,13 @@ class Database:
                 raise
         raise AssertionError("unreachable")
 
-    async def _rollback(self, raw: psycopg.AsyncConnection[Any]) -> None:
+    async def _rollback(self, raw: PooledConnection) -> None:
         """End a transaction the caller is abandoning. psycopg follows its ``ROLLBACK`` with
         ``DEALLOCATE ALL``, so nothing stays prepared on ``raw``. A connection too broken to
         roll back is left to the pool, which discards it (the caller's error matters)."""
         if raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
             return
-        self._prepared.get(raw, set()).clear()
+        raw.prepared_names.clear()
         with contextlib.suppress(psycopg.Error):
             await raw.rollback()
 
