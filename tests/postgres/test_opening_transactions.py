@@ -16,7 +16,7 @@ import pytest_asyncio
 
 from lash_core.errors import LeaseLost
 from lash_core.store.postgres import PostgresStore
-from lash_core.store.postgres.db import Database, Opening, Prepared, text
+from lash_core.store.postgres.db import Database, Opening, Prepared, prepared, text
 from tests.postgres.conftest import acquired, draft, owner, sid
 
 pytestmark = pytest.mark.postgres
@@ -130,3 +130,51 @@ async def test_store_transactions_open_with_the_lease_lock(
             await store.renew_lease(stale.fence(), 60_000)
     renewed = await store.renew_lease(lease.fence(), 60_000)
     assert renewed.expires_at_ms >= lease.expires_at_ms
+
+
+def test_prepared_numbers_named_parameters_in_argument_order() -> None:
+    """As :func:`text` reads them (``::type`` is a cast, not a parameter)."""
+    stmt = prepared("x", "SELECT :b + 1, :b, CAST(:a AS text[]), '1'::int", a="text[]", b="int")
+    assert stmt.source == "SELECT $2 + 1, $2, CAST($1 AS text[]), '1'::int"
+    assert stmt.prepare_sql == f"PREPARE x(text[], int) AS {stmt.source}"
+
+
+async def test_store_hot_path_sends_begin_with_its_first_statement(
+    pg_url: str, stores: tuple[PostgresStore, PostgresStore], tmp_path: Path
+) -> None:
+    """Admission (one input, and a batch), turn start and commit each send ``BEGIN`` with
+    their first statement: on the wire, no ``BEGIN`` goes alone."""
+    store = PostgresStore(pg_url, pool_size=1, max_overflow=0)
+    await store.start()
+    try:
+        s, other = sid(), sid()
+
+        async def traffic() -> None:
+            await store.enqueue_input(draft(s))
+            await store.enqueue_inputs([draft(s), draft(other)])
+            tenure = await store.acquire_and_start_turn(s, owner("A"), 60_000)
+            assert tenure.turn is not None
+            await store.release_lease(acquired(tenure.lease).fence())
+
+        await traffic()  # prepares every statement on the one connection
+        trace = tmp_path / "libpq.trace"
+        with trace.open("w") as out:
+            async with store.database.single() as conn:
+                conn._raw.pgconn.trace(out.fileno())
+            try:
+                await traffic()
+            finally:
+                async with store.database.single() as conn:
+                    conn._raw.pgconn.untrace()
+        sent = [line.split("\t") for line in trace.read_text().splitlines()]
+        queries = [f[4].strip() for f in sent if len(f) > 4 and f[1] == "F" and f[3] == "Query"]
+        opened = [q.split("(")[0] for q in queries if q.startswith('"BEGIN; EXECUTE ')]
+        assert opened == [
+            '"BEGIN; EXECUTE lash_admission_gate',
+            '"BEGIN; EXECUTE lash_batch_gate',
+            '"BEGIN; EXECUTE lash_lock_lease',
+            '"BEGIN; EXECUTE lash_lock_lease',
+        ], queries
+        assert '"BEGIN"' not in queries
+    finally:
+        await store.close()

@@ -80,6 +80,15 @@ class Opening:
     key: object
 
 
+def prepared(name: str, source: str, **types: str) -> Prepared:
+    """``source`` (``:name`` parameters, as for :func:`text`) as the :class:`Prepared`
+    statement ``name``; ``types`` maps each parameter to its SQL type, in the order of the
+    ``EXECUTE`` arguments."""
+    order = list(types)
+    numbered = _BIND.sub(lambda m: f"${order.index(m.group(1)) + 1}", source)
+    return Prepared(name, tuple(types.values()), numbered)
+
+
 @functools.lru_cache(maxsize=2048)
 def text(source: str) -> Sql:
     """The statement ``source`` with ``:name`` parameters, converted once per string.
@@ -181,6 +190,13 @@ class Connection:
         self._raw = raw
         self._listeners = listeners
         self._opened = opened
+
+    def opened(self, key: object) -> Result:
+        """:meth:`take_opened` for a transaction that certainly opened under ``key``."""
+        result = self.take_opened(key)
+        if result is None:
+            raise StoreError(f"the transaction did not open with {key!r}")
+        return result
 
     def take_opened(self, key: object) -> Result | None:
         """The result of the statement the transaction opened with, if it was opened under

@@ -94,7 +94,7 @@ from lash_core.store.base import (
     VacuumReport,
 )
 from lash_core.store.postgres import notify
-from lash_core.store.postgres.db import Connection, Database, Opening, Prepared, text
+from lash_core.store.postgres.db import Connection, Database, Opening, prepared, text
 from lash_core.store.postgres.errors import CAS_SQLSTATES, is_driver_error, sqlstate, translate
 from lash_core.store.postgres.migrate import migrate
 from lash_core.store.postgres.rows import (
@@ -125,11 +125,11 @@ NOW_SQL = "floor(extract(epoch from transaction_timestamp()) * 1000)::bigint"
 LockMode = Literal["", "FOR SHARE", "FOR UPDATE"]
 #: ``_now_lease(..., "FOR UPDATE")`` as the prepared statement a transaction can open
 #: with (``_tx(lock_lease=...)``): most transactions on a session's hot path start here.
-_LOCK_LEASE = Prepared(
+_LOCK_LEASE = prepared(
     "lash_lock_lease",
-    ("text",),
     f"SELECT {NOW_SQL} AS now_ms, (SELECT row_to_json(l) FROM lash_leases l "
-    "WHERE l.session_id = $1 FOR UPDATE) AS lease",
+    "WHERE l.session_id = :s FOR UPDATE) AS lease",
+    s="text",
 )
 Note = tuple[str, str | None]  # (kind, turn_id)
 
@@ -371,13 +371,21 @@ _ADMISSION_GATE = f"""
     FROM (SELECT (SELECT row_to_json(l) FROM lash_leases l WHERE l.session_id = :s
         FOR SHARE) AS lease) x
 """
-_ADMISSION_GATE_AND_SEQ = text(_ADMISSION_GATE.format(seq=", nextval('lash_enqueue_seq') AS seq"))
+#: An input admission's first statement, sent with its ``BEGIN`` (``_tx(opening=...)``).
+_ADMISSION_GATE_AND_SEQ = prepared(
+    "lash_admission_gate",
+    _ADMISSION_GATE.format(seq=", nextval('lash_enqueue_seq') AS seq"),
+    s="text",
+)
 _COMMAND_ADMISSION_GATE = text(_ADMISSION_GATE.format(seq=""))
 
 
 #: The admission gate of a batch: every session's lease row FOR SHARE (or, without one, the
-#: shared advisory lock), taken row by row in the order of ``:sids`` (sorted by the caller).
-_BATCH_GATE = text(f"""
+#: shared advisory lock), taken row by row in the order of ``:sids`` (sorted by the caller);
+#: the batch's first statement, sent with its ``BEGIN``.
+_BATCH_GATE = prepared(
+    "lash_batch_gate",
+    f"""
     SELECT {NOW_SQL} AS now_ms, s.sid, x.lease,
         CASE WHEN x.lease IS NULL THEN (SELECT true
             FROM pg_advisory_xact_lock_shared(hashtextextended(s.sid, 0))) END AS gated
@@ -385,7 +393,9 @@ _BATCH_GATE = text(f"""
     CROSS JOIN LATERAL (SELECT (SELECT row_to_json(l) FROM lash_leases l
         WHERE l.session_id = s.sid FOR SHARE) AS lease) x
     ORDER BY s.ord
-""")
+""",
+    sids="text[]",
+)
 #: The free lease row (no holder, generation 0: what a missing row means to the lease
 #: rules) that admission writes for a session whose gate found none, under the shared side
 #: of the first-claim advisory lock. Its first lease claim then finds a row to lock and
@@ -545,22 +555,24 @@ class PostgresStore(Store):
 
     @asynccontextmanager
     async def _tx(
-        self, *, single: bool = False, lock_lease: str | None = None
+        self,
+        *,
+        single: bool = False,
+        lock_lease: str | None = None,
+        opening: Opening | None = None,
     ) -> AsyncIterator[Connection]:
         """One transaction (``single``: one statement per transaction, no ``BEGIN``);
         driver errors leave as lash_core errors, never raw.
 
-        ``lock_lease``: the transaction opens by locking that session's lease row and
-        reading the clock (``_now_lease`` with ``FOR UPDATE``, which must then be its first
-        statement), sent with ``BEGIN`` in one round trip."""
+        ``opening``: the transaction's first statement, sent with ``BEGIN`` in one round
+        trip (its rows: ``conn.opened(key)``). ``lock_lease``: open by locking that
+        session's lease row and reading the clock (``_now_lease`` with ``FOR UPDATE``,
+        which must then be the first statement)."""
         if self._db is None:
             await self.start()
         assert self._db is not None
-        opening = (
-            None
-            if lock_lease is None
-            else Opening(_LOCK_LEASE, (lock_lease,), ("lease", lock_lease))
-        )
+        if lock_lease is not None:
+            opening = Opening(_LOCK_LEASE, (lock_lease,), ("lease", lock_lease))
         try:
             async with self._db.single() if single else self._db.transaction(opening) as conn:
                 yield conn
@@ -705,12 +717,12 @@ class PostgresStore(Store):
     async def enqueue_input(self, draft: TurnInputDraft) -> InputAdmission:
         sid = draft.session_id
         input_id = draft.input_id or self._ids.new_id("ti_")
-        async with self._tx() as conn:
-            # The admission gate (lease row FOR SHARE) serialises admission against a
-            # final commit's deferral and idle release and against next-turn claims; the
-            # sequence value is drawn after the gate, in the same statement, so the whole
-            # admission (row, session, event, wake-ups) is one more statement.
-            row = (await conn.execute(_ADMISSION_GATE_AND_SEQ, {"s": sid})).one()
+        # The admission gate (lease row FOR SHARE) serialises admission against a final
+        # commit's deferral and idle release and against next-turn claims; the sequence
+        # value is drawn after the gate, in the same statement (sent with ``BEGIN``), so the
+        # whole admission (row, session, event, wake-ups) is one more statement.
+        async with self._tx(opening=Opening(_ADMISSION_GATE_AND_SEQ, (sid,), "gate")) as conn:
+            row = conn.opened("gate").one()
             now, lease = int(row.now_ms), lease_from_json(row.lease)
             record = _admitted_record(draft, input_id, int(row.seq), lease, now)
             payload = InputAdmitted(input=record.public())
@@ -779,8 +791,8 @@ class PostgresStore(Store):
         outcomes: list[InputAdmission | SourceKeyConflict | InvalidRequest | None] = [None] * len(
             drafts
         )
-        async with self._tx() as conn:
-            gate = await conn.execute(_BATCH_GATE, {"sids": sessions})
+        async with self._tx(opening=Opening(_BATCH_GATE, (sessions,), "gate")) as conn:
+            gate = conn.opened("gate")
             now = 0
             leases: dict[str, LeaseRow | None] = {}
             for row in gate:
