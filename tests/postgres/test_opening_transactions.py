@@ -36,9 +36,10 @@ async def db(stores: tuple[PostgresStore, PostgresStore], pg_url: str) -> AsyncI
 
 
 async def _scratch(db: Database) -> str:
+    """A temporary table on the fixture's one connection (gone when it closes)."""
     name = f"lash_test_opening_{sid('t').replace('-', '_')}"
     async with db.single() as conn:
-        await conn.execute(text(f"CREATE TABLE {name} (v text)"))
+        await conn.execute(text(f"CREATE TEMP TABLE {name} (v text)"))
     return name
 
 
