@@ -8,13 +8,16 @@ every rollback it sends) makes necessary.
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 
+from lash_core.commit import FinalTurn, RuntimeCommit
 from lash_core.errors import LeaseLost
+from lash_core.outcomes import AssistantMessageFinish, Finished
 from lash_core.store.postgres import PostgresStore
 from lash_core.store.postgres.db import Database, Opening, Prepared, prepared, text
 from tests.postgres.conftest import acquired, draft, owner, sid
@@ -154,8 +157,19 @@ async def test_store_hot_path_sends_begin_with_its_first_statement(
             await store.enqueue_input(draft(s))
             await store.enqueue_inputs([draft(s), draft(other)])
             tenure = await store.acquire_and_start_turn(s, owner("A"), 60_000)
-            assert tenure.turn is not None
-            await store.release_lease(acquired(tenure.lease).fence())
+            turn = tenure.turn
+            assert turn is not None and turn.claim is not None
+            done = RuntimeCommit(
+                session_id=s,
+                fence=acquired(tenure.lease).fence(),
+                turn=FinalTurn(
+                    turn_id=turn.turn_id,
+                    outcome=Finished(finish=AssistantMessageFinish(text="done")),
+                ),
+                completed_input_claims=[turn.claim.completion()],
+                release_lease=True,
+            )
+            assert (await store.commit(done)).released
 
         await traffic()  # prepares every statement on the one connection
         trace = tmp_path / "libpq.trace"
@@ -169,12 +183,16 @@ async def test_store_hot_path_sends_begin_with_its_first_statement(
                     conn._raw.pgconn.untrace()
         sent = [line.split("\t") for line in trace.read_text().splitlines()]
         queries = [f[4].strip() for f in sent if len(f) > 4 and f[1] == "F" and f[3] == "Query"]
-        opened = [q.split("(")[0] for q in queries if q.startswith('"BEGIN; EXECUTE ')]
+        opened = [
+            re.findall(r"EXECUTE (\w+)\(", q) for q in queries if q.startswith('"BEGIN; EXECUTE ')
+        ]
         assert opened == [
-            '"BEGIN; EXECUTE lash_admission_gate',
-            '"BEGIN; EXECUTE lash_batch_gate',
-            '"BEGIN; EXECUTE lash_lock_lease',
-            '"BEGIN; EXECUTE lash_lock_lease',
+            ["lash_admission_gate"],
+            ["lash_batch_gate"],
+            # a turn start reads the session's open rows in the same message
+            ["lash_lock_lease", "lash_open_rows"],
+            # a commit reads its head in the same message
+            ["lash_lock_lease", "lash_commit_head"],
         ], queries
         assert '"BEGIN"' not in queries
     finally:

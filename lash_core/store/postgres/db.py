@@ -72,7 +72,7 @@ class Prepared:
 
 @dataclass(frozen=True, slots=True)
 class Opening:
-    """The statement a transaction opens with: ``statement`` with ``args``, sent with
+    """A statement a transaction opens with: ``statement`` with ``args``, sent with
     ``BEGIN``; its result is kept on the :class:`Connection` under ``key`` until taken."""
 
     statement: Prepared
@@ -185,7 +185,7 @@ class Connection:
         self,
         raw: PooledConnection,
         listeners: Sequence[StatementListener],
-        opened: tuple[object, Result] | None = None,
+        opened: dict[object, Result] | None = None,
     ) -> None:
         self._raw = raw
         self._listeners = listeners
@@ -199,13 +199,11 @@ class Connection:
         return result
 
     def take_opened(self, key: object) -> Result | None:
-        """The result of the statement the transaction opened with, if it was opened under
+        """The result of a statement the transaction opened with, if one was opened under
         ``key`` and not taken yet (once: later reads must see this transaction's writes)."""
-        if self._opened is None or self._opened[0] != key:
+        if not self._opened:
             return None
-        result = self._opened[1]
-        self._opened = None
-        return result
+        return self._opened.pop(key, None)
 
     async def execute(self, sql: Sql, params: Mapping[str, Any] | None = None) -> Result:
         for listener in self._listeners:
@@ -300,52 +298,65 @@ class Database:
         self._begin_listeners.remove(listener)
 
     @asynccontextmanager
-    async def transaction(self, opening: Opening | None = None) -> AsyncIterator[Connection]:
+    async def transaction(self, *openings: Opening) -> AsyncIterator[Connection]:
         """``BEGIN`` ... ``COMMIT`` on one pooled connection; ``ROLLBACK`` if the block raises.
 
-        With ``opening``, ``BEGIN`` and the ``EXECUTE`` of its prepared statement go as one
-        simple-protocol message, one network round trip instead of two (the statement is
-        prepared on the connection the first time, with its own round trip). Its result
-        waits on the connection (:meth:`Connection.take_opened`)."""
+        With ``openings``, ``BEGIN`` and the ``EXECUTE`` of each of their prepared
+        statements go as one simple-protocol message: one network round trip instead of one
+        each (a statement is prepared on the connection the first time, with its own round
+        trip). They run in order, each with its own snapshot (READ COMMITTED), so a later
+        one sees what an earlier one waited for. Their results wait on the connection
+        (:meth:`Connection.take_opened`)."""
         for listener in self._begin_listeners:
             listener()
-        if opening is None:
+        if not openings:
             async with self._pool.connection() as raw, raw.transaction():
                 yield Connection(raw, self._listeners)
             return
         async with self._pool.connection() as raw:
-            opened = await self._open(raw, opening)
+            opened = await self._open(raw, openings)
             try:
-                yield Connection(raw, self._listeners, (opening.key, opened))
+                yield Connection(raw, self._listeners, opened)
             except BaseException:
                 await self._rollback(raw)
                 raise
             await raw.commit()
 
-    async def _open(self, raw: PooledConnection, opening: Opening) -> Result:
-        """``BEGIN; EXECUTE name(literals)``; the ``EXECUTE`` result's rows.
+    async def _open(
+        self, raw: PooledConnection, openings: Sequence[Opening]
+    ) -> dict[object, Result]:
+        """``BEGIN; EXECUTE a(literals); EXECUTE b(literals)``; each ``EXECUTE``'s rows.
 
         psycopg answers every ``ROLLBACK`` it sends (its own transactions' too) with
         ``DEALLOCATE ALL``, so a statement prepared here can be gone: then it is prepared
         again and the transaction opened once more."""
-        statement = opening.statement
-        for listener in self._listeners:
-            listener(statement.source)
-        literals = b", ".join(psycopg.sql.Literal(arg).as_bytes(raw) for arg in opening.args)
-        query = b"BEGIN; EXECUTE " + statement.name.encode() + b"(" + literals + b")"
+        parts = [b"BEGIN"]
+        for opening in openings:
+            statement = opening.statement
+            for listener in self._listeners:
+                listener(statement.source)
+            literals = b", ".join(psycopg.sql.Literal(arg).as_bytes(raw) for arg in opening.args)
+            parts.append(b"EXECUTE " + statement.name.encode() + b"(" + literals + b")")
+        query = b"; ".join(parts)
         prepared = raw.prepared_names
         for attempt in range(2):
-            if statement.name not in prepared:
-                with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
-                    await raw.execute(statement.prepare_sql.encode(), prepare=False)
-                prepared.add(statement.name)
+            for opening in openings:
+                statement = opening.statement
+                if statement.name not in prepared:
+                    with contextlib.suppress(psycopg.errors.DuplicatePreparedStatement):
+                        await raw.execute(statement.prepare_sql.encode(), prepare=False)
+                    prepared.add(statement.name)
             try:
                 cursor = raw.statement_cursor()
                 await cursor.execute(query, prepare=False)
-                cursor.nextset()  # past BEGIN's result, to the statement's
-                result = cursor.pgresult
-                rows = await cursor.fetchall() if result and result.status == _TUPLES_OK else []
-                return Result(rows, cursor.rowcount)
+                results: dict[object, Result] = {}
+                for opening in openings:
+                    cursor.nextset()  # past BEGIN's result (or the last one's), to this one's
+                    result = cursor.pgresult
+                    ok = result is not None and result.status == _TUPLES_OK
+                    rows = await cursor.fetchall() if ok else []
+                    results[opening.key] = Result(rows, cursor.rowcount)
+                return results
             except psycopg.errors.InvalidSqlStatementName:
                 await self._rollback(raw)
                 if attempt:

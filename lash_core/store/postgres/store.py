@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
 
 from lash_core import inputs as rules
@@ -247,22 +247,47 @@ def _input_write_params(
 #: ``inputs.OPEN_STATES`` as an SQL list: rows that keep a session busy.
 _OPEN_STATES_SQL = ", ".join(f"'{state.value}'" for state in sorted(rules.OPEN_STATES))
 
-#: The earliest pending command's ``enqueue_seq`` and every open input row of the session
-#: (locked, in admission order), in one statement. Plain ``FOR UPDATE`` (not SKIP LOCKED):
-#: skipping a row another transaction holds would let a later row be claimed before it.
-_OPEN_ROWS = text(
-    f"""
-    SELECT c.first_command, i.* FROM (
-        SELECT min(enqueue_seq) AS first_command FROM lash_session_commands
-        WHERE session_id = :s AND state = 'pending'
-          AND (claim_token IS NULL OR claim_session_lease_generation <> :g)) c
+#: The session's pending commands (the earliest unclaimed one's ``enqueue_seq``; the
+#: ``enqueue_seq`` and claiming lease generation of each claimed one) and every open input
+#: row (locked, in admission order), in one statement. Plain ``FOR UPDATE`` (not SKIP
+#: LOCKED): skipping a row another transaction holds would let a later row be claimed
+#: before it. It names no lease generation (:func:`_first_command` applies one), so a turn
+#: start can send it with ``BEGIN`` and the lease lock, before it has read the lease.
+_OPEN_ROWS_SQL = f"""
+    SELECT c.unclaimed_command, c.claimed_seqs, c.claimed_generations, i.* FROM (
+        SELECT min(enqueue_seq) FILTER (WHERE claim_token IS NULL) AS unclaimed_command,
+            array_agg(enqueue_seq ORDER BY enqueue_seq)
+                FILTER (WHERE claim_token IS NOT NULL) AS claimed_seqs,
+            array_agg(claim_session_lease_generation ORDER BY enqueue_seq)
+                FILTER (WHERE claim_token IS NOT NULL) AS claimed_generations
+        FROM lash_session_commands WHERE session_id = :s AND state = 'pending') c
     LEFT JOIN LATERAL (
         SELECT {INPUT_COLUMNS} FROM lash_pending_inputs
         WHERE session_id = :s AND state IN ({_OPEN_STATES_SQL})
         ORDER BY enqueue_seq FOR UPDATE) i ON true
     ORDER BY i.enqueue_seq
-    """
-)
+"""
+_OPEN_ROWS = prepared("lash_open_rows", _OPEN_ROWS_SQL, s="text")
+#: Where the open rows wait on a connection that opened with them.
+_OPEN_ROWS_KEY = "open_rows"
+
+
+def _first_command(
+    unclaimed: int | None,
+    claimed_seqs: Sequence[int] | None,
+    claimed_generations: Sequence[int] | None,
+    generation: int,
+) -> int | None:
+    """The ``enqueue_seq`` of the earliest pending command lease ``generation`` did not
+    claim (one it claimed is being applied by its holder), from :data:`_OPEN_ROWS`."""
+    others = [
+        int(seq)
+        for seq, gen in zip(claimed_seqs or (), claimed_generations or (), strict=True)
+        if gen != generation
+    ]
+    if unclaimed is not None:
+        others.append(int(unclaimed))
+    return min(others) if others else None
 
 
 _COMPLETE_AND_DEFER = text(
@@ -321,6 +346,31 @@ _STEERING_ROWS_SQL = (
 )
 
 
+#: A commit's second statement, sent with ``BEGIN`` and the lease lock: the turn's commit
+#: stamp (a landed attempt), the session head (locked), the claimed input and command rows
+#: being completed (locked) and the steering input aimed at the turn (``:steer_t``).
+_COMMIT_HEAD = prepared(
+    "lash_commit_head",
+    "SELECT (SELECT row_to_json(t) FROM (SELECT turn_commit_hash, result"
+    "  FROM lash_turn_commits WHERE session_id = :s AND turn_id = :t) t) AS stamp,"
+    " (SELECT row_to_json(x) FROM (SELECT head_revision, last_seq, usage"
+    "  FROM lash_sessions WHERE session_id = :s FOR UPDATE) x) AS session,"
+    " (SELECT json_agg(json_build_array(i.input_id, i.claim_id, i.claim_token))"
+    "  FROM (SELECT input_id, claim_id, claim_token FROM lash_pending_inputs"
+    "   WHERE session_id = :s AND input_id = ANY(:ids) FOR UPDATE) i) AS inputs,"
+    " (SELECT json_agg(json_build_array(c.batch_id, c.claim_id, c.claim_token))"
+    "  FROM (SELECT batch_id, claim_id, claim_token FROM lash_session_commands"
+    "   WHERE session_id = :s AND batch_id = ANY(:bids) FOR UPDATE) c) AS commands,"
+    f" (SELECT json_agg(row_to_json(a)) FROM ({_STEERING_ROWS_SQL}) a) AS steering",
+    s="text",
+    t="text",
+    steer_t="text",
+    ids="text[]",
+    bids="text[]",
+)
+_COMMIT_HEAD_KEY = "commit_head"
+
+
 def _admits_steering(
     rows: Sequence[PendingTurnInput], turn_id: str, checkpoint: CheckpointKind, generation: int
 ) -> bool:
@@ -371,7 +421,7 @@ _ADMISSION_GATE = f"""
     FROM (SELECT (SELECT row_to_json(l) FROM lash_leases l WHERE l.session_id = :s
         FOR SHARE) AS lease) x
 """
-#: An input admission's first statement, sent with its ``BEGIN`` (``_tx(opening=...)``).
+#: An input admission's first statement, sent with its ``BEGIN`` (``_tx(openings=...)``).
 _ADMISSION_GATE_AND_SEQ = prepared(
     "lash_admission_gate",
     _ADMISSION_GATE.format(seq=", nextval('lash_enqueue_seq') AS seq"),
@@ -559,22 +609,22 @@ class PostgresStore(Store):
         *,
         single: bool = False,
         lock_lease: str | None = None,
-        opening: Opening | None = None,
+        openings: Sequence[Opening] = (),
     ) -> AsyncIterator[Connection]:
         """One transaction (``single``: one statement per transaction, no ``BEGIN``);
         driver errors leave as lash_core errors, never raw.
 
-        ``opening``: the transaction's first statement, sent with ``BEGIN`` in one round
-        trip (its rows: ``conn.opened(key)``). ``lock_lease``: open by locking that
+        ``openings``: the transaction's first statements, sent with ``BEGIN`` in one round
+        trip (their rows: ``conn.opened(key)``). ``lock_lease``: open by locking that
         session's lease row and reading the clock (``_now_lease`` with ``FOR UPDATE``,
-        which must then be the first statement)."""
+        which must then be the first statement), before ``openings``."""
         if self._db is None:
             await self.start()
         assert self._db is not None
         if lock_lease is not None:
-            opening = Opening(_LOCK_LEASE, (lock_lease,), ("lease", lock_lease))
+            openings = (Opening(_LOCK_LEASE, (lock_lease,), ("lease", lock_lease)), *openings)
         try:
-            async with self._db.single() if single else self._db.transaction(opening) as conn:
+            async with self._db.single() if single else self._db.transaction(*openings) as conn:
                 yield conn
         except (LashError, _Rollback):
             raise
@@ -721,7 +771,7 @@ class PostgresStore(Store):
         # commit's deferral and idle release and against next-turn claims; the sequence
         # value is drawn after the gate, in the same statement (sent with ``BEGIN``), so the
         # whole admission (row, session, event, wake-ups) is one more statement.
-        async with self._tx(opening=Opening(_ADMISSION_GATE_AND_SEQ, (sid,), "gate")) as conn:
+        async with self._tx(openings=[Opening(_ADMISSION_GATE_AND_SEQ, (sid,), "gate")]) as conn:
             row = conn.opened("gate").one()
             now, lease = int(row.now_ms), lease_from_json(row.lease)
             record = _admitted_record(draft, input_id, int(row.seq), lease, now)
@@ -791,7 +841,7 @@ class PostgresStore(Store):
         outcomes: list[InputAdmission | SourceKeyConflict | InvalidRequest | None] = [None] * len(
             drafts
         )
-        async with self._tx(opening=Opening(_BATCH_GATE, (sessions,), "gate")) as conn:
+        async with self._tx(openings=[Opening(_BATCH_GATE, (sessions,), "gate")]) as conn:
             gate = conn.opened("gate")
             now = 0
             leases: dict[str, LeaseRow | None] = {}
@@ -1105,14 +1155,36 @@ class PostgresStore(Store):
         """The ``enqueue_seq`` of the earliest pending command ``generation`` did not claim
         (one it claimed is being applied) and the open input rows, locked.
 
-        Called after the lease row is locked FOR UPDATE, in a later statement: every
-        admission locks that row (shared) before it draws its ``enqueue_seq``, so the rows
-        seen here are a prefix of the session's admission order, commands included.
+        Read after the lease row is locked FOR UPDATE, in a later statement (sent with it
+        when the transaction opened with :data:`_OPEN_ROWS` too, see :meth:`_turn_tx`):
+        every admission locks that row (shared) before it draws its ``enqueue_seq``, so the
+        rows seen here are a prefix of the session's admission order, commands included.
         """
-        found = (await conn.execute(_OPEN_ROWS, {"s": session_id, "g": generation})).all()
-        first = found[0].first_command if found else None
+        result = conn.take_opened(_OPEN_ROWS_KEY)
+        if result is None:
+            result = await conn.execute(text(_OPEN_ROWS_SQL), {"s": session_id})
+        found = result.all()
+        first = (
+            _first_command(
+                found[0].unclaimed_command,
+                found[0].claimed_seqs,
+                found[0].claimed_generations,
+                generation,
+            )
+            if found
+            else None
+        )
         rows = [input_from_row(r._asdict()) for r in found if r.input_id is not None]
-        return (int(first) if first is not None else None), rows
+        return first, rows
+
+    def _turn_tx(self, session_id: str) -> AbstractAsyncContextManager[Connection]:
+        """A transaction that opens with the session's lease lock and then its open rows
+        (:meth:`_open_rows`), both sent with ``BEGIN``: one round trip for what a turn
+        start or a claim reads first."""
+        return self._tx(
+            lock_lease=session_id,
+            openings=[Opening(_OPEN_ROWS, (session_id,), _OPEN_ROWS_KEY)],
+        )
 
     def _next_turn_claim(
         self,
@@ -1150,7 +1222,7 @@ class PostgresStore(Store):
         require_inputs: bool = True,
         max_inputs: int = MAX_CLAIM_INPUTS,
     ) -> TurnStart | None:
-        async with self._tx(lock_lease=fence.session_id) as conn:
+        async with self._turn_tx(fence.session_id) as conn:
             now, lease = await self._fenced(conn, fence)
             begun = await self._start_turn(
                 conn,
@@ -1233,12 +1305,14 @@ class PostgresStore(Store):
         max_inputs: int = MAX_CLAIM_INPUTS,
         only_if_work: bool = False,
     ) -> TenureStart:
-        async with self._tx(lock_lease=session_id) as conn:
+        async with self._turn_tx(session_id) as conn:
             now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
             if row is None:
                 # No lease row yet (admission writes a free one, so this is a session with
                 # no admitted input, or a command only): serialise on the advisory lock
-                # (see ``_claim_lease``), then read again in a new statement.
+                # (see ``_claim_lease``), then read again in new statements (the open rows
+                # read with the lock proved nothing: no lease row held admission back).
+                conn.take_opened(_OPEN_ROWS_KEY)
                 await conn.execute(_ADVISORY_LOCK, {"s": session_id})
                 now, row = await self._now_lease(conn, session_id, "FOR UPDATE")
             decision = lease_rules.decide_try_claim(row, session_id, owner, now, ttl_ms)
@@ -1296,7 +1370,7 @@ class PostgresStore(Store):
     async def claim_next_turn_inputs(
         self, fence: LeaseFence, owner: LeaseOwner, max_inputs: int = MAX_CLAIM_INPUTS
     ) -> TurnInputClaim | None:
-        async with self._tx(lock_lease=fence.session_id) as conn:
+        async with self._turn_tx(fence.session_id) as conn:
             now, _ = await self._fenced(conn, fence)
             first_command, rows = await self._open_rows(conn, fence.session_id, fence.fencing_token)
             claim = self._next_turn_claim(fence, owner, now, rows, max_inputs, first_command)
@@ -1543,8 +1617,21 @@ class PostgresStore(Store):
 
     async def commit(self, commit: RuntimeCommit) -> CommitResult:
         seen_head: list[int] = []
+        sid = commit.session_id
+        turn_id = commit.turn.turn_id if commit.turn else None
+        head = Opening(
+            _COMMIT_HEAD,
+            (
+                sid,
+                turn_id,
+                turn_id if commit.steering_checkpoint else None,
+                [i for c in commit.completed_input_claims for i in c.input_ids],
+                [b for c in commit.completed_command_claims for b in c.batch_ids],
+            ),
+            _COMMIT_HEAD_KEY,
+        )
         try:
-            async with self._tx(lock_lease=commit.session_id) as conn:
+            async with self._tx(lock_lease=sid, openings=[head]) as conn:
                 return await self._commit(conn, commit, seen_head)
         except RetryableStoreError as exc:
             cause = exc.__cause__
@@ -1568,36 +1655,11 @@ class PostgresStore(Store):
             if cc.session_id != sid:
                 raise Superseded(sid, cc.claim_id, "command")
         commit_hash = commit.commit_hash() if commit.turn else None
-        # Lock the lease row first (whatever its state): every commit of the session
-        # serialises here, so the stamp and head read next are current, not a snapshot
-        # from before a concurrent commit finished.
+        # The transaction opened by locking the lease row (whatever its state): every commit
+        # of the session serialises there, so the stamp and head read in the next statement
+        # (sent with it) are current, not a snapshot from before a concurrent commit ended.
         now, lease_row = await self._now_lease(conn, sid, "FOR UPDATE")
-        head_row = (
-            await conn.execute(
-                text(
-                    "SELECT (SELECT row_to_json(t) FROM (SELECT turn_commit_hash, result"
-                    "  FROM lash_turn_commits WHERE session_id = :s AND turn_id = :t) t) AS stamp,"
-                    " (SELECT row_to_json(x) FROM (SELECT head_revision, last_seq, usage"
-                    "  FROM lash_sessions WHERE session_id = :s FOR UPDATE) x) AS session,"
-                    " (SELECT json_agg(json_build_array(i.input_id, i.claim_id, i.claim_token))"
-                    "  FROM (SELECT input_id, claim_id, claim_token FROM lash_pending_inputs"
-                    "   WHERE session_id = :s AND input_id = ANY(:ids) FOR UPDATE) i) AS inputs,"
-                    " (SELECT json_agg(json_build_array(c.batch_id, c.claim_id, c.claim_token))"
-                    "  FROM (SELECT batch_id, claim_id, claim_token FROM lash_session_commands"
-                    "   WHERE session_id = :s AND batch_id = ANY(:bids) FOR UPDATE) c) AS commands,"
-                    f" (SELECT json_agg(row_to_json(a)) FROM ({_STEERING_ROWS_SQL}) a) AS steering"
-                ),
-                {
-                    "s": sid,
-                    "t": commit.turn.turn_id if commit.turn else None,
-                    "steer_t": commit.turn.turn_id
-                    if commit.turn and commit.steering_checkpoint
-                    else None,
-                    "ids": [i for c in commit.completed_input_claims for i in c.input_ids],
-                    "bids": [b for c in commit.completed_command_claims for b in c.batch_ids],
-                },
-            )
-        ).one()
+        head_row = conn.opened(_COMMIT_HEAD_KEY).one()
         stamp = head_row.stamp
         if commit.turn is not None and stamp is not None:
             if stamp["turn_commit_hash"] != commit_hash:
