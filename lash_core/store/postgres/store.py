@@ -1616,23 +1616,27 @@ class PostgresStore(Store):
     # ------------------------------------------------------------------ commit
 
     async def commit(self, commit: RuntimeCommit) -> CommitResult:
-        seen_head: list[int] = []
         sid = commit.session_id
+        # Checked before anything is sent: a misdirected commit locks nothing.
+        if commit.fence is not None and commit.fence.session_id != sid:
+            raise SessionMismatch(f"fence for {commit.fence.session_id!r} used on session {sid!r}")
+        for ic in commit.completed_input_claims:
+            if ic.session_id != sid:
+                raise Superseded(sid, ic.claim_id, "turn_input")
+        for cc in commit.completed_command_claims:
+            if cc.session_id != sid:
+                raise Superseded(sid, cc.claim_id, "command")
+        seen_head: list[int] = []
         turn_id = commit.turn.turn_id if commit.turn else None
+        input_ids = [i for c in commit.completed_input_claims for i in c.input_ids]
+        batch_ids = [b for c in commit.completed_command_claims for b in c.batch_ids]
+        steer_t = turn_id if commit.steering_checkpoint else None
         head = Opening(
-            _COMMIT_HEAD,
-            (
-                sid,
-                turn_id,
-                turn_id if commit.steering_checkpoint else None,
-                [i for c in commit.completed_input_claims for i in c.input_ids],
-                [b for c in commit.completed_command_claims for b in c.batch_ids],
-            ),
-            _COMMIT_HEAD_KEY,
+            _COMMIT_HEAD, (sid, turn_id, steer_t, input_ids, batch_ids), _COMMIT_HEAD_KEY
         )
         try:
             async with self._tx(lock_lease=sid, openings=[head]) as conn:
-                return await self._commit(conn, commit, seen_head)
+                return await self._commit(conn, commit, seen_head, input_ids, batch_ids)
         except RetryableStoreError as exc:
             cause = exc.__cause__
             if cause is not None and sqlstate(cause) in CAS_SQLSTATES:
@@ -1643,17 +1647,16 @@ class PostgresStore(Store):
             raise
 
     async def _commit(
-        self, conn: Connection, commit: RuntimeCommit, seen_head: list[int]
+        self,
+        conn: Connection,
+        commit: RuntimeCommit,
+        seen_head: list[int],
+        input_ids: list[str],
+        batch_ids: list[str],
     ) -> CommitResult:
+        """:meth:`commit` in its transaction, opened with the lease lock and the head read
+        (``input_ids``, ``batch_ids``: the rows its claims complete)."""
         sid = commit.session_id
-        if commit.fence is not None and commit.fence.session_id != sid:
-            raise SessionMismatch(f"fence for {commit.fence.session_id!r} used on session {sid!r}")
-        for ic in commit.completed_input_claims:
-            if ic.session_id != sid:
-                raise Superseded(sid, ic.claim_id, "turn_input")
-        for cc in commit.completed_command_claims:
-            if cc.session_id != sid:
-                raise Superseded(sid, cc.claim_id, "command")
         commit_hash = commit.commit_hash() if commit.turn else None
         # The transaction opened by locking the lease row (whatever its state): every commit
         # of the session serialises there, so the stamp and head read in the next statement
@@ -1698,8 +1701,6 @@ class PostgresStore(Store):
             await conn.execute(text("DELETE FROM lash_nodes WHERE session_id = :s"), {"s": sid})
         if isinstance(commit.graph, GraphAppend | GraphReplace):
             appended = list(commit.graph.nodes)
-        input_ids = [i for c in commit.completed_input_claims for i in c.input_ids]
-        batch_ids = [b for c in commit.completed_command_claims for b in c.batch_ids]
         deferred, open_input, command_pending = await self._complete_and_defer(
             conn, commit, input_ids, batch_ids, now, new_head, appended
         )
