@@ -15,9 +15,13 @@ What it costs the database, since every worker runs a relay: trying to take free
 one statement on a slow, jittered timer (``retake_interval_s``), which also proves the lock
 connection alive, so publishing needs no pings; a relay that releases its shards on a
 graceful stop says so with a notification, and the others retake at once. A relay scans
-only when there is a reason - a local commit or an ``events`` notification, or the
-``poll_interval_s`` fallback - and then with one statement covering every shard it holds; it
-marks each published batch in one statement. A relay that holds no shard never scans.
+only when there is a reason - a local commit or an ``events`` notification for a session of
+a shard it holds, or the ``poll_interval_s`` fallback - and then with one statement covering
+every shard it holds; it marks each published batch in one statement. A relay that holds no
+shard never scans. Events of a session whose shard this worker's relay holds are announced
+to it in-process, not by notification (``Store.set_local_publisher``): with one worker no
+``events`` notification is sent at all, and every notification that is sent wakes only the
+relay that publishes it (each listening worker still receives and discards it).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ from consumer.observability.logs import get_logger
 from consumer.observability.metrics import OUTBOX_BACKLOG, OUTBOX_LAG, OUTBOX_PUBLISHED
 from consumer.observability.tracing import span
 from lash_core import jsontext
-from lash_core.events import OutboxMessage, TurnActivity
+from lash_core.events import OutboxMessage, TurnActivity, session_shard
 from lash_core.store.base import Notification, Store
 from lash_core.store.postgres import notify
 
@@ -296,6 +300,11 @@ class OutboxRelay:
     def held_shards(self) -> set[int]:
         return set(self._locks.held)
 
+    def publishes(self, session_id: str) -> bool:
+        """Whether this relay holds ``session_id``'s shard now (the store then sends no
+        ``events`` wake-up for it: see ``Store.set_local_publisher``)."""
+        return session_shard(session_id) % self._shards in self._locks.held
+
     def wake(self) -> None:
         """New events may exist (a local commit or an ``events`` notification)."""
         self._scan = True
@@ -310,7 +319,9 @@ class OutboxRelay:
             return
         if note.session_id.startswith(RELEASED_PREFIX):
             return  # another namespace's relay
-        self.wake()
+        if self.publishes(note.session_id):
+            # Another relay's session is not scanned here: taking its shard over scans.
+            self.wake()
 
     async def run(self) -> None:
         """Publish until :meth:`stop`; errors are logged and retried after a pause."""

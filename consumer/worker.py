@@ -128,6 +128,8 @@ class Worker:
             poll_interval_s=s.sweep_interval_ms * RELAY_TIMER_FACTOR / 1000,
             retake_interval_s=s.sweep_interval_ms * RELAY_TIMER_FACTOR / 1000,
         )
+        # This worker's commits wake its own relay directly, without a notification.
+        store.set_local_publisher(self.relay)
         self.dispatcher = Dispatcher(
             self.driver,
             store,

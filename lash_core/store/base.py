@@ -19,7 +19,7 @@ from __future__ import annotations
 import abc
 from collections.abc import AsyncIterator, Collection, Sequence
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import Field
 
@@ -172,8 +172,21 @@ class Notification(Frozen):
     turn_id: str | None = None
 
 
+class LocalPublisher(Protocol):
+    """The outbox publisher of this process, as a store sees it (see
+    :meth:`Store.set_local_publisher`)."""
+
+    def publishes(self, session_id: str) -> bool:
+        """Whether this process publishes ``session_id``'s durable events now."""
+
+    def wake(self) -> None:
+        """New durable events may exist: scan for them."""
+
+
 class Store(abc.ABC):
     """Durable state of agent sessions. All methods are safe to call concurrently."""
+
+    _local_publisher: LocalPublisher | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -477,3 +490,23 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def notifications(self) -> AsyncIterator[Notification]:
         """An endless stream of wake-ups from every worker using this store."""
+
+    def set_local_publisher(self, publisher: LocalPublisher | None) -> None:
+        """Name the outbox publisher running beside this store in the same process.
+
+        Appended durable events are announced with an ``events`` wake-up so that whichever
+        worker publishes the session's events scans for them. When that is this process
+        (``publisher.publishes(session_id)``), the wake-up would only travel through the
+        database to come back here, and every listening worker would be woken by it: so
+        the store calls ``publisher.wake()`` once the change is committed instead, and
+        sends none. Should the publisher lose the session between that check and its scan,
+        whoever takes the session's events over scans them on taking over (and polls)."""
+        self._local_publisher = publisher
+
+    def _quiet_events(self, session_id: str) -> LocalPublisher | None:
+        """The local publisher, if it publishes ``session_id``'s events (then appended
+        events need no ``events`` wake-up: wake it after the commit instead)."""
+        publisher = self._local_publisher
+        if publisher is not None and publisher.publishes(session_id):
+            return publisher
+        return None

@@ -258,6 +258,10 @@ class InMemoryStore(Store):
         return self._enqueue_seq
 
     def _notify(self, kind: _Kind, session_id: str, turn_id: str | None = None) -> None:
+        if kind == "events" and (local := self._quiet_events(session_id)) is not None:
+            # Changes here are visible at once: there is no commit to wait for.
+            local.wake()
+            return
         notification = Notification(kind=kind, session_id=session_id, turn_id=turn_id)
         for subscriber in list(self._subscribers):
             subscriber.push(notification)

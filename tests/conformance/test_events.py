@@ -284,3 +284,96 @@ async def test_notifications_cancel_names_the_turn(store: Store) -> None:
         store, lambda n: n.kind == "cancel" and n.session_id == "s", cancel
     )
     assert note.turn_id == "t1"
+
+
+class _LocalRelay:
+    """A stand-in for this process's outbox relay: publishes the sessions it is given."""
+
+    def __init__(self, *sessions: str) -> None:
+        self.sessions = set(sessions)
+        self.wakes = 0
+
+    def publishes(self, session_id: str) -> bool:
+        return session_id in self.sessions
+
+    def wake(self) -> None:
+        self.wakes += 1
+
+
+async def test_events_published_in_this_process_wake_it_instead_of_notifying(
+    store: Store,
+) -> None:
+    """Events of a session the local publisher holds send no ``events`` wake-up: the
+    publisher is woken after each commit that appended them (admission, batch admission,
+    turn start, commit). Other wake-ups, and other sessions' events, still go out."""
+    relay = _LocalRelay("quiet")
+    store.set_local_publisher(relay)
+    seen: list[Notification] = []
+    stream: AsyncIterator[Notification] = store.notifications()
+
+    async def collect() -> None:
+        async for note in stream:
+            seen.append(note)
+
+    collector = asyncio.ensure_future(collect())
+
+    async def until(matches: Callable[[Notification], bool], trigger: str) -> int:
+        """Admit to ``trigger`` until a matching wake-up arrives; its index in ``seen``."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 15
+        n = 0
+        while True:
+            for index, note in enumerate(seen):
+                if matches(note):
+                    return index
+            assert loop.time() < deadline, "no matching notification before the deadline"
+            n += 1
+            await store.enqueue_input(draft(trigger, f"{trigger} {n}"))
+            await asyncio.sleep(0.05)
+
+    try:
+        # The stream is listening once the first wake-up of another session comes through.
+        await until(lambda n: n.session_id == "loud", "loud")
+        ready = len(seen)
+
+        wakes = relay.wakes
+        await store.enqueue_input(draft("quiet", "one"))
+        assert relay.wakes > wakes
+        wakes = relay.wakes
+        await store.enqueue_inputs([draft("quiet", "two"), draft("loud", "three")])
+        assert relay.wakes > wakes
+        lease = await lease_for(store, "quiet")
+        wakes = relay.wakes
+        start = await store.start_turn(lease.fence(), "t1")
+        assert start is not None and start.claim is not None
+        assert relay.wakes > wakes
+        wakes = relay.wakes
+        done = await store.commit(
+            commit(
+                "quiet",
+                lease,
+                graph=append(node("u", "one")),
+                turn=final("t1"),
+                completed_input_claims=[start.claim.completion()],
+                release_lease=True,
+            )
+        )
+        assert [e.type for e in done.events] == ["turn.committed"]
+        assert relay.wakes > wakes
+
+        # Wake-ups arrive in commit order: once a later one is here, every earlier one is.
+        await until(lambda n: n.session_id == "marker", "marker")
+        quiet = [(n.kind, n.session_id) for n in seen[ready:] if n.session_id == "quiet"]
+        assert ("work", "quiet") in quiet
+        assert ("events", "quiet") not in quiet
+        assert ("events", "loud") in [(n.kind, n.session_id) for n in seen[ready:]]
+        assert len((await store.events_after("quiet", 0)).events) == 4
+    finally:
+        store.set_local_publisher(None)
+        collector.cancel()
+        with contextlib.suppress(BaseException):
+            await collector
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(BaseException):
+                await aclose()

@@ -10,13 +10,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import aio_pika
+import psycopg
 import pytest
 
-from consumer.outbox import OutboxRelay, properties, publish_confirmed
+from consumer.outbox import OutboxRelay, lock_keys, properties, publish_confirmed
 from consumer.producer import Producer
 from consumer.topology import Topology, declare
+from lash_core.events import session_shard
 from lash_core.inputs import TextItem, TurnInput, TurnInputDraft
-from lash_core.store.base import Store
+from lash_core.store.base import Notification, Store
 from lash_core.store.postgres import PostgresStore
 from tests.consumer.checks import assert_gapless, assert_message_properties, collect_until
 
@@ -207,6 +209,56 @@ async def test_relays_scan_once_per_wake_and_retake_only_on_timer_or_release(
         if closer is not None:
             with contextlib.suppress(Exception):
                 await closer()
+        await connection.close()
+
+
+def _session_in_shard(shard: int, shards: int, prefix: str) -> str:
+    return next(
+        f"{prefix}-{i}" for i in range(1000) if session_shard(f"{prefix}-{i}") % shards == shard
+    )
+
+
+async def test_a_local_relay_is_woken_by_its_stores_commits_not_by_notifications(
+    store: Store, db_url: str, amqp_url: str, clean_namespace: str
+) -> None:
+    """Wired as its store's local publisher, a relay publishes the events of its shards
+    with no notification routed to it (its poll is a minute away): each commit wakes it.
+    It answers ``events`` notifications only for sessions of the shards it holds."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    other = await psycopg.AsyncConnection.connect(db_url, autocommit=True)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare(channel, clean_namespace, 5)
+        # Another relay's shard 0, held before this relay starts.
+        key, _ = lock_keys(clean_namespace, 0)
+        await other.execute("SELECT pg_advisory_lock(%s, 0)", (key,))
+        relay = _relay(store, topology, db_url, clean_namespace, shards=4, batch=500, poll=60.0)
+        run = asyncio.create_task(relay.run())
+        await _until(lambda: relay.held_shards == {1, 2, 3})
+        mine = _session_in_shard(2, 4, "mine")
+        theirs = _session_in_shard(0, 4, "theirs")
+        assert relay.publishes(mine) and not relay.publishes(theirs)
+
+        store.set_local_publisher(relay)
+        await admit(store, mine, 2)
+        await admit(store, theirs, 1)  # not this relay's to publish
+        await _until(lambda: relay.published == 2)
+
+        scans = relay.scans
+        relay.on_notification(Notification(kind="events", session_id=theirs))
+        await asyncio.sleep(0.1)
+        assert relay.scans == scans
+        relay.on_notification(Notification(kind="events", session_id=mine))
+        await _until(lambda: relay.scans == scans + 1)
+        assert relay.published == 2
+        assert [e.session_id for e in await store.unpublished_events(100)] == [theirs]
+
+        await relay.stop()
+        await run
+        await relay.close()
+    finally:
+        store.set_local_publisher(None)
+        await other.close()
         await connection.close()
 
 

@@ -91,6 +91,38 @@ async def test_a_failed_block_rolls_back_and_the_next_opening_prepares_again(
     assert await _rows(db, table) == ["first", "second", "third"]
 
 
+async def test_after_commit_callbacks_run_once_committed_and_never_on_rollback(
+    db: Database,
+) -> None:
+    """Every kind of block calls its callbacks, in order, after its work is committed;
+    a block that raises (and rolls back) calls none."""
+    table = await _scratch(db)
+    seen: list[str] = []
+
+    def note(tag: str) -> None:
+        seen.append(tag)
+
+    async with db.transaction(Opening(_ECHO, ("x",), "k")) as conn:
+        await conn.execute(text(f"INSERT INTO {table} VALUES ('opened')"))
+        conn.after_commit(lambda: note("opened"))
+        assert seen == []  # not before the commit
+    async with db.transaction() as conn:
+        await conn.execute(text(f"INSERT INTO {table} VALUES ('plain')"))
+        conn.after_commit(lambda: note("plain"))
+        conn.after_commit(lambda: note("plain, second"))
+    async with db.single() as conn:
+        await conn.execute(text(f"INSERT INTO {table} VALUES ('single')"))
+        conn.after_commit(lambda: note("single"))
+    for opening in ((), (Opening(_ECHO, ("y",), "k"),)):
+        with pytest.raises(RuntimeError):
+            async with db.transaction(*opening) as conn:
+                await conn.execute(text(f"INSERT INTO {table} VALUES ('lost')"))
+                conn.after_commit(lambda: note("rolled back"))
+                raise RuntimeError
+    assert seen == ["opened", "plain", "plain, second", "single"]
+    assert await _rows(db, table) == ["opened", "plain", "single"]
+
+
 async def test_begin_travels_with_the_opening_statement(db: Database, tmp_path: Path) -> None:
     """On the wire: one simple-protocol message for ``BEGIN`` and the opening statement,
     one extended-protocol exchange for the next statement, one ``COMMIT``."""

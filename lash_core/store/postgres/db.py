@@ -13,7 +13,8 @@ The statements keep SQLAlchemy's ``:name`` parameter style (readable, and shared
 migrations); :func:`text` turns them into psycopg's ``%(name)s`` once per distinct string.
 Connections are in autocommit mode: :meth:`Database.transaction` sends ``BEGIN`` and
 ``COMMIT`` (or ``ROLLBACK`` when its block raises) around a block, and
-:meth:`Database.single` runs one statement as its own transaction, without either. Rows
+:meth:`Database.single` runs one statement as its own transaction, without either;
+:meth:`Connection.after_commit` defers a callback until the work is committed. Rows
 are named tuples: ``row.column``, ``row[0]`` and ``row._asdict()``.
 """
 
@@ -179,7 +180,7 @@ class PooledConnection(psycopg.AsyncConnection[Any]):
 class Connection:
     """A pooled connection lent for one transaction or one statement."""
 
-    __slots__ = ("_listeners", "_opened", "_raw")
+    __slots__ = ("_committed", "_listeners", "_opened", "_raw")
 
     def __init__(
         self,
@@ -190,6 +191,19 @@ class Connection:
         self._raw = raw
         self._listeners = listeners
         self._opened = opened
+        self._committed: list[Callable[[], None]] = []
+
+    def after_commit(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` once the work done on this connection is committed (never
+        if the block raises): to tell this process about a change only when others can
+        see it. Callbacks run in the order given and must not raise."""
+        self._committed.append(callback)
+
+    def run_committed(self) -> None:
+        """Run (and forget) the :meth:`after_commit` callbacks: the work is committed."""
+        callbacks, self._committed = self._committed, []
+        for callback in callbacks:
+            callback()
 
     def opened(self, key: object) -> Result:
         """:meth:`take_opened` for a transaction that certainly opened under ``key``."""
@@ -310,17 +324,22 @@ class Database:
         for listener in self._begin_listeners:
             listener()
         if not openings:
-            async with self._pool.connection() as raw, raw.transaction():
-                yield Connection(raw, self._listeners)
+            async with self._pool.connection() as raw:
+                async with raw.transaction():
+                    conn = Connection(raw, self._listeners)
+                    yield conn
+                conn.run_committed()
             return
         async with self._pool.connection() as raw:
             opened = await self._open(raw, openings)
+            conn = Connection(raw, self._listeners, opened)
             try:
-                yield Connection(raw, self._listeners, opened)
+                yield conn
             except BaseException:
                 await self._rollback(raw)
                 raise
             await raw.commit()
+            conn.run_committed()
 
     async def _open(
         self, raw: PooledConnection, openings: Sequence[Opening]
@@ -381,4 +400,6 @@ class Database:
         """A pooled connection for statements that are each their own transaction (no
         ``BEGIN``/``COMMIT`` round trips): for one-statement reads and writes."""
         async with self._pool.connection() as raw:
-            yield Connection(raw, self._listeners)
+            conn = Connection(raw, self._listeners)
+            yield conn
+            conn.run_committed()

@@ -167,11 +167,17 @@ _EVENTS_CTE = """ev AS (
 
 
 def _event_params(
-    session_id: str, now: int, payloads: Sequence[EventPayload], notes: Sequence[Note]
+    session_id: str,
+    now: int,
+    payloads: Sequence[EventPayload],
+    notes: Sequence[Note],
+    *,
+    announce: bool = True,
 ) -> tuple[dict[str, Any], str, list[str]]:
     """Bind parameters, the ``VALUES`` rows of the events and the ``pg_notify`` calls.
 
-    Appended events always add an ``events`` wake-up.
+    Appended events add an ``events`` wake-up unless told not to ``announce`` them (see
+    ``PostgresStore._announce``).
     """
     params: dict[str, Any] = {
         "es": session_id,
@@ -186,7 +192,7 @@ def _event_params(
         params[f"et{i}"] = payload.type
         params[f"ep{i}"] = dumps(payload.model_dump(mode="json"))
     calls: list[str] = []
-    all_notes = list(notes) + ([("events", None)] if payloads else [])
+    all_notes = list(notes) + ([("events", None)] if payloads and announce else [])
     for i, (kind, turn_id) in enumerate(all_notes):
         params[f"nt{i}"] = notify.payload(kind, session_id, turn_id)
         calls.append(f"pg_notify(:ch, :nt{i})")
@@ -514,7 +520,8 @@ _BATCH_INSERT = text(f"""
             ON p.input_id = n.input_id
         RETURNING 1),
     woken AS (
-        SELECT count(pg_notify(:ch, w.work)) + count(pg_notify(:ch, w.events)) AS n
+        SELECT count(pg_notify(:ch, w.work))
+            + count(CASE WHEN w.events IS NOT NULL THEN pg_notify(:ch, w.events) END) AS n
         FROM unnest(CAST(:note_sids AS text[]), CAST(:note_work AS text[]),
             CAST(:note_events AS text[])) AS w(session_id, work, events)
         WHERE w.session_id IN (SELECT session_id FROM cnt))
@@ -687,6 +694,17 @@ class PostgresStore(Store):
         result = await conn.execute(_WRITE_INPUTS, _input_write_params(session_id, records, now))
         return len(result.all())
 
+    def _announce(self, conn: Connection, session_id: str) -> bool:
+        """Whether events appended for ``session_id`` in ``conn``'s transaction need an
+        ``events`` wake-up: not when this process publishes them (see
+        :meth:`Store.set_local_publisher`); then its publisher is woken once they are
+        committed."""
+        local = self._quiet_events(session_id)
+        if local is None:
+            return True
+        conn.after_commit(local.wake)
+        return False
+
     async def _append_events(
         self,
         conn: Connection,
@@ -718,7 +736,8 @@ class PostgresStore(Store):
         inputs: Sequence[PendingTurnInput] = (),
     ) -> tuple[list[DurableEvent], str | None]:
         """:meth:`_append_events`, also returning the session's committed leaf node id."""
-        params, values, calls = _event_params(session_id, now, payloads, notes)
+        announce = not payloads or self._announce(conn, session_id)
+        params, values, calls = _event_params(session_id, now, payloads, notes, announce=announce)
         ctes: list[str] = []
         if lease is not None:
             ctes.append(f"lease_w AS ({LEASE_UPSERT_SQL} RETURNING 1)")
@@ -776,7 +795,9 @@ class PostgresStore(Store):
             now, lease = int(row.now_ms), lease_from_json(row.lease)
             record = _admitted_record(draft, input_id, int(row.seq), lease, now)
             payload = InputAdmitted(input=record.public())
-            params, values, calls = _event_params(sid, now, [payload], [("work", None)])
+            params, values, calls = _event_params(
+                sid, now, [payload], [("work", None)], announce=self._announce(conn, sid)
+            )
             params.update(
                 {
                     "id": input_id,
@@ -882,7 +903,10 @@ class PostgresStore(Store):
                     "new_sids": [sid for sid in sessions if leases[sid] is None],
                     "note_sids": sessions,
                     "note_work": [notify.payload("work", sid) for sid in sessions],
-                    "note_events": [notify.payload("events", sid) for sid in sessions],
+                    "note_events": [
+                        notify.payload("events", sid) if self._announce(conn, sid) else None
+                        for sid in sessions
+                    ],
                 },
             )
             landed = {row.input_id: row for row in inserted if row.input_id is not None}
@@ -1772,7 +1796,8 @@ class PostgresStore(Store):
         """One statement: head CAS + session fields, events, stamp, lease row, wake-ups
         (``commit_hash``: the turn's, computed once by the caller)."""
         sid = commit.session_id
-        params, values, calls = _event_params(sid, now, payloads, notes)
+        announce = not payloads or self._announce(conn, sid)
+        params, values, calls = _event_params(sid, now, payloads, notes, announce=announce)
         head = result.head_revision
         usage = Usage.model_validate(session["usage"]) if session else Usage()
         if commit.usage is not None:
