@@ -26,7 +26,7 @@ from aio_pika.abc import AbstractConnection
 from bench import profiling, statements
 from bench.amqp_io import Observer, publish_workload, queue_state
 from bench.options import BenchOptions
-from bench.procs import Fleet
+from bench.procs import Fleet, machine_cpu_seconds
 from bench.progress import show_progress
 from bench.resources import (
     autovacuum_runs,
@@ -202,6 +202,7 @@ async def _measure_in(
     background: list[asyncio.Task[None]] = []
     spy: profiling.PySpy | None = None
     window_start: float | None = None
+    machine_used: dict[str, float] = {}
     window_s = 0.0
     try:
         for index in range(spec.workers):
@@ -232,6 +233,7 @@ async def _measure_in(
             log_window = (statements.log_size(server_log), 0)
         for member in fleet.members:
             member.mark_cpu()
+        machine_before = machine_cpu_seconds()
         background.append(asyncio.create_task(_sample_memory(fleet)))
         background.append(asyncio.create_task(show_progress(label, tracker, opts.progress)))
         background.append(
@@ -255,6 +257,10 @@ async def _measure_in(
         fleet.sample_memory()
         for member in fleet.members:
             member.read_cpu()
+        machine_used = {
+            name: used - machine_before.get(name, 0.0)
+            for name, used in machine_cpu_seconds().items()
+        }
         if spy is not None:
             await spy.stop()
         ingress_state = await queue_state(connection, target.ready_queue(namespace))
@@ -348,6 +354,13 @@ async def _measure_in(
             "utilisation": _ratio(cpu_total, duration * len(fleet.members)),
             "ms_per_turn": _ratio(cpu_total * 1000.0, turns),
             "host_cpus": os.cpu_count(),
+            # Per committed input, over the same window: the whole machine (which bounds
+            # throughput when everything shares the cores), the processes under test and
+            # the two servers.
+            "host_ms_per_input": _ratio(machine_used.get("host", 0.0) * 1000.0, committed),
+            "workers_ms_per_input": _ratio(cpu_total * 1000.0, committed),
+            "postgres_ms_per_input": _ratio(machine_used.get("postgres", 0.0) * 1000.0, committed),
+            "rabbitmq_ms_per_input": _ratio(machine_used.get("rabbitmq", 0.0) * 1000.0, committed),
         },
         "events_by_type": dict(tracker.events_by_type),
         "outcomes": dict(tracker.outcomes),

@@ -45,6 +45,41 @@ def cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+_SERVICES = {"postgres": "postgres", "beam.smp": "rabbitmq"}
+"""Process names (``/proc/<pid>/comm``) of the local services -> the name reported."""
+
+
+def machine_cpu_seconds() -> dict[str, float]:
+    """CPU time used so far by the whole machine (``host``: busy time of every core, from
+    ``/proc/stat``) and by the local PostgreSQL and RabbitMQ servers.
+
+    A service's figure sums user and system time of its processes and of their exited
+    children (``cutime``/``cstime``): a PostgreSQL backend that exits is reaped by the
+    postmaster, so the difference of two readings counts backends that came and went in
+    between. On a machine where everything shares the cores, the host figure per input is
+    what bounds throughput; it includes the benchmark's own producer and observer."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {"host": 0.0, **{name: 0.0 for name in _SERVICES.values()}}
+    with contextlib.suppress(OSError):
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+        # user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
+        values = [int(v) for v in first[1:9]]
+        out["host"] = (sum(values) - values[3] - values[4]) / tick
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            service = _SERVICES.get((entry / "comm").read_text().strip())
+            if service is None:
+                continue
+            text = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = text[text.rfind(")") + 2 :].split()
+        out[service] += sum(int(f) for f in fields[11:15]) / tick
+    return out
+
+
 def process_env(extra: dict[str, str]) -> dict[str, str]:
     """The current environment plus ``extra``, with the repository importable.
 

@@ -72,6 +72,7 @@ HEADERS = (
     "tx/turn (net)",
     "amqp/turn",
     "cpu ms/turn",
+    "host/pg/mq ms/input",
     "RSS MiB",
 )
 
@@ -104,6 +105,10 @@ def _row(run: dict[str, Any]) -> list[str]:
         _fmt(run["db"]["tx_per_turn"], 1) + "/" + _fmt(run["db"].get("tx_per_turn_excl_idle"), 1),
         _fmt(run["amqp"]["per_turn"], 2),
         _fmt(run.get("cpu", {}).get("ms_per_turn"), 2),
+        "/".join(
+            _fmt(run.get("cpu", {}).get(f"{part}_ms_per_input"), 2)
+            for part in ("host", "postgres", "rabbitmq")
+        ),
         f"{_mib(rss['end_max'])}/{_mib(rss['peak_max'])}",
     ]
 
@@ -113,8 +118,10 @@ def render_table(runs: list[dict[str, Any]]) -> str:
 
     ``tx/turn (net)``: committed database transactions per turn, all / without the idle
     background rate measured before the run. ``cpu ms/turn``: CPU time of the processes
-    under test (not the broker or the database) per turn. RSS: the largest worker at the
-    end / its peak.
+    under test (not the broker or the database) per turn. ``host/pg/mq ms/input``: CPU
+    time per committed input of the whole machine (every process, the benchmark's own
+    included), of the PostgreSQL server and of the RabbitMQ server, over the measured
+    window. RSS: the largest worker at the end / its peak.
     """
     rows = [list(HEADERS), *(_row(r) for r in runs)]
     width = max(len(r) for r in rows)
@@ -178,6 +185,12 @@ def summarise_repeats(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "pipeline_cpu_ms_per_turn": _spread(
                     figures(pipeline, lambda r: r.get("cpu", {}).get("ms_per_turn"))
                 ),
+                "pipeline_host_ms_per_input": _spread(
+                    figures(pipeline, lambda r: r.get("cpu", {}).get("host_ms_per_input"))
+                ),
+                "baseline_host_ms_per_input": _spread(
+                    figures(baseline, lambda r: r.get("cpu", {}).get("host_ms_per_input"))
+                ),
                 "pipeline_p99_ms": _spread(figures(pipeline, lambda r: r["latency_ms"].get("p99"))),
             }
         )
@@ -201,7 +214,9 @@ def render_repeats(summaries: list[dict[str, Any]]) -> str:
             f"x base {cell(s['ratio'], 3)} over {s['pipeline_runs']} runs; "
             f"pipeline inputs/s {cell(s['pipeline_inputs_per_s'])}; "
             f"baseline msg/s {cell(s['baseline_inputs_per_s'])}; "
-            f"cpu ms/turn {cell(s['pipeline_cpu_ms_per_turn'], 2)}"
+            f"cpu ms/turn {cell(s['pipeline_cpu_ms_per_turn'], 2)}; "
+            f"host cpu ms/input {cell(s.get('pipeline_host_ms_per_input'), 2)} "
+            f"(baseline {cell(s.get('baseline_host_ms_per_input'), 2)})"
         )
     return "\n".join(lines)
 
