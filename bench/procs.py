@@ -34,15 +34,20 @@ def memory_kib(pid: int) -> tuple[int, int] | None:
     return values["VmRSS"], values.get("VmHWM", values["VmRSS"])
 
 
+def _cpu_ticks(stat: Path, *, children: bool) -> int:
+    """utime + stime (fields 14 and 15 of ``/proc/<pid>/stat``), with ``children`` also
+    cutime + cstime (16 and 17: exited children's). Raises ``OSError`` if it is gone."""
+    text = stat.read_text()
+    fields = text[text.rfind(")") + 2 :].split()  # after the parenthesised command name
+    return sum(int(f) for f in fields[11 : 15 if children else 13])
+
+
 def cpu_seconds(pid: int) -> float | None:
     """User + system CPU time a live process has used (``/proc/<pid>/stat``)."""
     try:
-        text = Path(f"/proc/{pid}/stat").read_text()
+        return _cpu_ticks(Path(f"/proc/{pid}/stat"), children=False) / os.sysconf("SC_CLK_TCK")
     except OSError:
         return None
-    # Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    fields = text[text.rfind(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 _SERVICES = {"postgres": "postgres", "beam.smp": "rabbitmq"}
@@ -72,11 +77,9 @@ def machine_cpu_seconds() -> dict[str, float]:
             service = _SERVICES.get((entry / "comm").read_text().strip())
             if service is None:
                 continue
-            text = (entry / "stat").read_text()
+            out[service] += _cpu_ticks(entry / "stat", children=True) / tick
         except OSError:
             continue
-        fields = text[text.rfind(")") + 2 :].split()
-        out[service] += sum(int(f) for f in fields[11:15]) / tick
     return out
 
 

@@ -64,9 +64,9 @@ def _check_run(run: dict[str, Any], inputs: int) -> None:
     assert run["db"]["xact_commit"] >= 0 and run["db"]["tx_per_turn"] is not None
     assert run["db"]["idle_tx_per_s"] is not None and run["db"]["idle_tx_per_s"] >= 0
     assert run["cpu"]["ms_per_turn"] is not None
-    # The machine was busy running the inputs; the servers may run elsewhere (containers).
-    assert run["cpu"]["host_ms_per_input"] > 0
-    for part in ("workers", "postgres", "rabbitmq"):
+    # Read in clock ticks (10 ms), so a tiny run's window may read zero; the servers may
+    # also run elsewhere (containers).
+    for part in ("host", "workers", "postgres", "rabbitmq"):
         assert run["cpu"][f"{part}_ms_per_input"] >= 0
     assert run["amqp"]["publishes"] == inputs
     assert run["amqp"]["events"] >= run["turns"]

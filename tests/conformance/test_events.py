@@ -207,6 +207,14 @@ async def test_outbox_scans_several_shards_in_one_call(store: Store) -> None:
 # --------------------------------------------------------------------------- notifications
 
 
+async def _close(stream: AsyncIterator[Notification]) -> None:
+    """End a notification stream (a PostgreSQL one holds a LISTEN connection)."""
+    aclose = getattr(stream, "aclose", None)
+    if aclose is not None:
+        with contextlib.suppress(BaseException):
+            await aclose()
+
+
 async def _await_notification(
     store: Store,
     matches: Callable[[Notification], bool],
@@ -239,10 +247,7 @@ async def _await_notification(
         waiter.cancel()
         with contextlib.suppress(BaseException):
             await waiter
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(BaseException):
-                await aclose()
+        await _close(stream)
 
 
 async def test_notifications_work_and_events_on_admission(store: Store) -> None:
@@ -373,7 +378,4 @@ async def test_events_published_in_this_process_wake_it_instead_of_notifying(
         collector.cancel()
         with contextlib.suppress(BaseException):
             await collector
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(BaseException):
-                await aclose()
+        await _close(stream)

@@ -191,18 +191,20 @@ class Connection:
         self._raw = raw
         self._listeners = listeners
         self._opened = opened
-        self._committed: list[Callable[[], None]] = []
+        self._committed: list[Callable[[], None]] | None = None  # most have none
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Call ``callback()`` once the work done on this connection is committed (never
         if the block raises): to tell this process about a change only when others can
         see it. Callbacks run in the order given and must not raise."""
+        if self._committed is None:
+            self._committed = []
         self._committed.append(callback)
 
     def run_committed(self) -> None:
         """Run (and forget) the :meth:`after_commit` callbacks: the work is committed."""
-        callbacks, self._committed = self._committed, []
-        for callback in callbacks:
+        callbacks, self._committed = self._committed, None
+        for callback in callbacks or ():
             callback()
 
     def opened(self, key: object) -> Result:
