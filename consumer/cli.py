@@ -58,12 +58,14 @@ def _echo_json(value: Any) -> None:
 @app.command()
 def run(namespace: NamespaceOpt = None) -> None:
     """Start one worker (migrates the database and declares the topology itself)."""
+    from consumer import collector
     from consumer.observability.logs import configure_logging
     from consumer.observability.tracing import configure_tracing, shutdown_tracing
 
     settings = _settings(namespace)
     configure_logging(settings.log_format, settings.log_level)
     configure_tracing(settings.tracing)
+    collector.tune()
     try:
         code = _run(lambda: _serve(settings))
     finally:
@@ -72,6 +74,7 @@ def run(namespace: NamespaceOpt = None) -> None:
 
 
 async def _serve(settings: Settings) -> int:
+    from consumer import collector
     from consumer.observability.logs import get_logger
     from consumer.worker import Worker
 
@@ -95,6 +98,7 @@ async def _serve(settings: Settings) -> int:
             stopped.cancel()
             code = 1
         else:
+            collector.freeze_startup_heap()  # what start-up built lives as long as we do
             fatal = asyncio.create_task(worker.wait_fatal())
             await asyncio.wait({stopped, fatal}, return_when=asyncio.FIRST_COMPLETED)
             if fatal.done():
