@@ -551,6 +551,15 @@ def _admitted_record(
     )
 
 
+#: A session row and its nodes in insertion order, in one statement (one snapshot).
+_LOAD_STATE = text(
+    "SELECT s.head_revision, s.last_seq, s.leaf_node_id, s.config, s.checkpoint, s.usage,"
+    " (SELECT coalesce(json_agg(n.node ORDER BY n.ordinal), '[]') FROM lash_nodes n"
+    " WHERE n.session_id = s.session_id) AS nodes"
+    " FROM lash_sessions s WHERE s.session_id = :s"
+)
+
+
 class _Rollback(Exception):
     """Raised inside a transaction to undo it and return ``None`` to the caller."""
 
@@ -1905,30 +1914,19 @@ class PostgresStore(Store):
     async def load_state(
         self, session_id: str, residency: Residency = Residency.FULL
     ) -> SessionState:
-        async with self._tx() as conn:
+        # One statement, so one snapshot: no transaction round trips around it.
+        async with self._tx(single=True) as conn:
             return await self._load_state(conn, session_id, residency)
 
     async def _load_state(
         self, conn: Connection, session_id: str, residency: Residency
     ) -> SessionState:
-        ses = (
-            await conn.execute(
-                text(
-                    "SELECT head_revision, last_seq, leaf_node_id, config, checkpoint, usage"
-                    " FROM lash_sessions WHERE session_id = :s"
-                ),
-                {"s": session_id},
-            )
-        ).one_or_none()
+        ses = (await conn.execute(_LOAD_STATE, {"s": session_id})).one_or_none()
         if ses is None:
             return SessionState(
                 session_id=session_id, exists=False, head_revision=0, leaf_node_id=None, nodes=[]
             )
-        found = await conn.execute(
-            text("SELECT node FROM lash_nodes WHERE session_id = :s ORDER BY ordinal"),
-            {"s": session_id},
-        )
-        nodes = [node_from_json(r.node) for r in found]
+        nodes = [node_from_json(node) for node in ses.nodes]
         if residency is Residency.ACTIVE_PATH:
             nodes = active_path(nodes, ses.leaf_node_id)
         return SessionState(
