@@ -557,9 +557,10 @@ def _admitted_record(
 #: and keeps the plan. Planned while a table is still small (a new database, or before
 #: autovacuum first analyzes it), that plan is a sequential scan or a hash join, and it
 #: stays so while the table grows: measured in ``bench --modes latency`` (W = 2, 62/s),
-#: marking one event published took 0.80 ms and 204 buffers per call, 0.05 ms and 8 with
-#: these off, and PostgreSQL's CPU per input fell from 6.0-6.6 to 3.9 ms. Off means
-#: "only if nothing else can": a statement with no usable index still scans.
+#: marking one event published took 0.81 ms and 204 buffers per call, 0.05 ms and 8 with
+#: these off, and PostgreSQL's CPU per input fell from 6.1-6.9 to 4.3-4.6 ms (three
+#: interleaved pairs of runs). Off means "only if nothing else can": a statement with no
+#: usable index still scans.
 _KEYED_ACCESS_ONLY = ("enable_seqscan", "enable_hashjoin", "enable_mergejoin")
 #: Turns them back on for the rest of a transaction (:meth:`PostgresStore.vacuum`).
 _BULK_ACCESS = text(
