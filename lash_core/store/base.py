@@ -475,10 +475,23 @@ class Store(abc.ABC):
         """
 
     async def unpublished_messages(
-        self, limit: int = 500, *, shards: Collection[int], shard_count: int = 1
+        self,
+        limit: int = 500,
+        *,
+        shards: Collection[int],
+        shard_count: int = 1,
+        published: Sequence[EventKey] = (),
     ) -> list[OutboxMessage]:
         """``unpublished_events`` of ``shards`` as the outbox relay publishes them (wire
-        bodies built); a store may build them without parsing each payload."""
+        bodies built); a store may build them without parsing each payload.
+
+        ``published``: events the caller has had confirmed since its last call. They are
+        marked published first (``mark_published``) and are not in the answer; a store
+        may do both in one round trip, which is why a relay defers its marks to its next
+        scan. Marked even when ``shards`` is empty."""
+        await self.mark_published(published)
+        if not shards:
+            return []
         events = await self.unpublished_events(limit, shards=shards, shard_count=shard_count)
         return [OutboxMessage.of(event) for event in events]
 

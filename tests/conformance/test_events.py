@@ -379,3 +379,41 @@ async def test_events_published_in_this_process_wake_it_instead_of_notifying(
         with contextlib.suppress(BaseException):
             await collector
         await _close(stream)
+
+
+async def test_outbox_scan_marks_what_the_caller_published_and_leaves_it_out(
+    store: Store,
+) -> None:
+    """A relay hands its confirmed events to its next scan: they are marked published and
+    are not in that scan's answer (the PostgreSQL store does both in one statement, whose
+    snapshot still shows them unpublished), while the limit counts only what is left."""
+    sessions = [f"mark-{n}" for n in range(4)]
+    for sid in sessions:
+        for n in range(3):
+            await store.enqueue_input(draft(sid, f"{n}"))
+    first = await store.unpublished_messages(5, shards={0}, shard_count=1)
+    assert [(m.session_id, m.seq) for m in first] == [
+        ("mark-0", 1),
+        ("mark-0", 2),
+        ("mark-0", 3),
+        ("mark-1", 1),
+        ("mark-1", 2),
+    ]
+    second = await store.unpublished_messages(5, shards={0}, shard_count=1, published=first)
+    assert [(m.session_id, m.seq) for m in second] == [
+        ("mark-1", 3),
+        ("mark-2", 1),
+        ("mark-2", 2),
+        ("mark-2", 3),
+        ("mark-3", 1),
+    ]
+    left = await store.unpublished_events()
+    assert [(e.session_id, e.seq) for e in left][:1] == [("mark-1", 3)] and len(left) == 7
+    # Marks are written even when no shard is scanned, and marking twice changes nothing.
+    assert await store.unpublished_messages(shards=(), published=[*first, *second]) == []
+    assert [(e.session_id, e.seq) for e in await store.unpublished_events()] == [
+        ("mark-3", 2),
+        ("mark-3", 3),
+    ]
+    rest = await store.unpublished_messages(shards={0}, published=first)
+    assert [(m.session_id, m.seq) for m in rest] == [("mark-3", 2), ("mark-3", 3)]

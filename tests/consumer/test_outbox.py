@@ -13,7 +13,13 @@ import aio_pika
 import psycopg
 import pytest
 
-from consumer.outbox import OutboxRelay, lock_keys, properties, publish_confirmed
+from consumer.outbox import (
+    MARK_LINGER_S,
+    OutboxRelay,
+    lock_keys,
+    properties,
+    publish_confirmed,
+)
 from consumer.producer import Producer
 from consumer.topology import Topology, declare
 from lash_core.events import session_shard
@@ -56,6 +62,7 @@ def _relay(
     batch: int,
     poll: float,
     retake: float | None = None,
+    linger: float = MARK_LINGER_S,
 ) -> OutboxRelay:
     """A relay of ``namespace`` publishing to its observations exchange."""
     return OutboxRelay(
@@ -67,6 +74,7 @@ def _relay(
         batch=batch,
         poll_interval_s=poll,
         retake_interval_s=retake,
+        mark_linger_s=linger,
     )
 
 
@@ -323,4 +331,59 @@ async def test_publish_confirmed_without_confirms_sends_each_message(
         assert got[0].headers == {"session_id": "s"} and got[0].type == "t"
         assert got[0].delivery_mode == aio_pika.DeliveryMode.PERSISTENT
     finally:
+        await connection.close()
+
+
+async def test_marks_ride_on_the_next_scan_or_go_alone_after_the_linger(
+    store: Store, db_url: str, amqp_url: str, clean_namespace: str
+) -> None:
+    """Confirmed events are marked published by the relay's next scan, in that scan's
+    statement; with no scan coming they are marked alone once the linger passes, and a
+    stopping relay marks what it has left."""
+    assert isinstance(store, PostgresStore)
+    statements: list[str] = []
+    store.database.add_listener(statements.append)
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare(channel, clean_namespace, 5)
+        relay = _relay(
+            store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0, linger=60.0
+        )
+        store.set_local_publisher(relay)
+        run = asyncio.create_task(relay.run())
+        await _until(lambda: relay.held_shards == {0})
+
+        def marks() -> tuple[int, int]:
+            alone = sum(s.startswith("UPDATE lash_events e SET published") for s in statements)
+            return alone, sum(s.startswith("WITH marked AS") for s in statements)
+
+        await admit(store, "linger-a", 1)
+        await _until(lambda: relay.pending_marks == 1)
+        assert relay.published == 0 and len(await store.unpublished_events(100)) == 1
+        await admit(store, "linger-b", 1)  # its commit wakes the relay: the scan marks a
+        await _until(lambda: relay.published == 1 and relay.pending_marks == 1)
+        assert marks() == (0, 1)
+        assert [e.session_id for e in await store.unpublished_events(100)] == ["linger-b"]
+        await relay.stop()
+        await run  # stopping: b's event is marked on its own
+        assert relay.published == 2 and relay.pending_marks == 0 and marks() == (1, 1)
+        assert await store.unpublished_events(100) == []
+        await relay.close()
+
+        quick = _relay(
+            store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0, linger=0.05
+        )
+        store.set_local_publisher(quick)
+        run = asyncio.create_task(quick.run())
+        await _until(lambda: quick.held_shards == {0})
+        await admit(store, "linger-c", 1)
+        await _until(lambda: quick.published == 1)  # no scan came: the linger ran out
+        assert marks() == (2, 1) and await store.unpublished_events(100) == []
+        await quick.stop()
+        await run
+        await quick.close()
+    finally:
+        store.set_local_publisher(None)
+        store.database.remove_listener(statements.append)
         await connection.close()

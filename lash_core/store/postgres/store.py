@@ -577,6 +577,19 @@ _LOAD_STATE = text(
 )
 
 
+#: Marks events published, by key (``:s`` session ids and ``:q`` seqs: :func:`_event_keys`).
+_MARK_PUBLISHED = (
+    "UPDATE lash_events e SET published = true"
+    " FROM unnest(CAST(:s AS text[]), CAST(:q AS bigint[])) AS k(session_id, seq)"
+    " WHERE e.session_id = k.session_id AND e.seq = k.seq"
+)
+
+
+def _event_keys(events: Sequence[EventKey]) -> dict[str, list[Any]]:
+    """The parameters of :data:`_MARK_PUBLISHED`."""
+    return {"s": [e.session_id for e in events], "q": [e.seq for e in events]}
+
+
 class _Rollback(Exception):
     """Raised inside a transaction to undo it and return ``None`` to the caller."""
 
@@ -2146,13 +2159,23 @@ class PostgresStore(Store):
         return [event_from_row(r._asdict()) for r in rows]
 
     async def unpublished_messages(
-        self, limit: int = 500, *, shards: Collection[int], shard_count: int = 1
+        self,
+        limit: int = 500,
+        *,
+        shards: Collection[int],
+        shard_count: int = 1,
+        published: Sequence[EventKey] = (),
     ) -> list[OutboxMessage]:
         if not shards:
+            await self.mark_published(published)
             return []
         # The payload as text, spliced into the wire body unparsed (events.wire_body).
         rows = await self._unpublished(
-            "type, payload::text AS payload", limit, shard_count=shard_count, shards=shards
+            "type, payload::text AS payload",
+            limit,
+            shard_count=shard_count,
+            shards=shards,
+            published=published,
         )
         return [
             OutboxMessage(
@@ -2173,9 +2196,12 @@ class PostgresStore(Store):
         shard: int | None = None,
         shard_count: int = 1,
         shards: Collection[int] | None = None,
+        published: Sequence[EventKey] = (),
     ) -> list[Any]:
         """Unpublished event rows (``session_id, seq, revision, created_at_ms`` and
-        ``columns``) of the shards asked for, in ``(session_id, seq)`` order."""
+        ``columns``) of the shards asked for, in ``(session_id, seq)`` order; with
+        ``published``, those are marked published by the same statement (whose snapshot
+        still shows them unpublished, so they are left out by key)."""
         where = "NOT published"
         params: dict[str, Any] = {"n": limit}
         if shard is not None:
@@ -2184,10 +2210,15 @@ class PostgresStore(Store):
         if shards is not None:
             where += " AND shard % :count = ANY(CAST(:shards AS bigint[]))"
             params.update({"count": shard_count, "shards": sorted(shards)})
+        mark = ""
+        if published:
+            mark = f"WITH marked AS ({_MARK_PUBLISHED} RETURNING e.session_id, e.seq) "
+            where += " AND (session_id, seq) NOT IN (SELECT session_id, seq FROM marked)"
+            params.update(_event_keys(published))
         async with self._tx(single=True) as conn:
             result = await conn.execute(
                 text(
-                    f"SELECT session_id, seq, revision, created_at_ms, {columns}"
+                    f"{mark}SELECT session_id, seq, revision, created_at_ms, {columns}"
                     f" FROM lash_events WHERE {where} ORDER BY session_id, seq LIMIT :n"
                 ),
                 params,
@@ -2198,14 +2229,7 @@ class PostgresStore(Store):
         if not events:
             return
         async with self._tx(single=True) as conn:
-            await conn.execute(
-                text(
-                    "UPDATE lash_events e SET published = true"
-                    " FROM unnest(CAST(:s AS text[]), CAST(:q AS bigint[])) AS k(session_id, seq)"
-                    " WHERE e.session_id = k.session_id AND e.seq = k.seq"
-                ),
-                {"s": [e.session_id for e in events], "q": [e.seq for e in events]},
-            )
+            await conn.execute(text(_MARK_PUBLISHED), _event_keys(events))
 
     # ------------------------------------------------------------------ wake-ups
 
