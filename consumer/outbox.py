@@ -480,10 +480,10 @@ class OutboxRelay:
                 more = await asyncio.wait_for(self.publish_once(), deadline - loop.time())
             except Exception:
                 log.exception("outbox_flush_failed")
-                return
+                break
             if not more:
                 break
-        await self._mark_unmarked()
+        await self._mark_unmarked()  # what was confirmed, even if a later pass failed
 
     async def stop(self) -> None:
         self._stopping = True

@@ -98,7 +98,8 @@ OUTBOX_BACKLOG = Gauge(
 )
 OUTBOX_PUBLISHED = Counter(
     "lash_outbox_published_total",
-    "Durable events published to the observations exchange with a broker confirm.",
+    "Durable events published to the observations exchange with a broker confirm and"
+    " marked published in the store.",
 )
 DEAD_LETTERS = Counter(
     "lash_dead_letters_total",
