@@ -67,9 +67,9 @@ MARK_LINGER_S = 0.05
 """How long confirmed events wait to be marked published with the next scan before they
 are marked on their own. Measured in ``bench --modes latency`` (W = 4, 94 inputs/s), a
 relay marking every batch at once sent a mark and a scan per wake-up, 4.2 of a turn's
-14.6 statements; a relay holding shards is woken about every 15 ms there, so most marks
-ride along. The cost is the window in which a crashed relay's successor republishes
-events (observers dedupe by ``message_id``)."""
+14.6 statements; there each of the four relays gets about 70 events a second (three per
+input), so most marks ride along. The cost is the window in which a crashed relay's
+successor republishes events (observers dedupe by ``message_id``)."""
 
 
 def lock_keys(namespace: str, shard: int) -> tuple[int, int]:
