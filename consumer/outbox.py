@@ -18,13 +18,16 @@ What it costs the database, since every worker runs a relay: trying to take free
 one statement on a slow, jittered timer (``retake_interval_s``), which also proves the lock
 connection alive, so publishing needs no pings; a relay that releases its shards on a
 graceful stop says so with a notification, and the others retake at once. A relay scans
-only when there is a reason - a local commit or an ``events`` notification for a session of
-a shard it holds, or the ``poll_interval_s`` fallback - and then with one statement covering
-every shard it holds; it marks each published batch in one statement. A relay that holds no
-shard never scans. Events of a session whose shard this worker's relay holds are announced
-to it in-process, not by notification (``Store.set_local_publisher``): with one worker no
-``events`` notification is sent at all, and every notification that is sent wakes only the
-relay that publishes it (each listening worker still receives and discards it).
+only when there is a reason - an ``events`` notification for a session of a shard it holds,
+a handed-over event that does not follow on, or the ``poll_interval_s`` fallback - and then
+with one statement covering every shard it holds. A relay that holds no shard never scans.
+
+Events of a session whose shard this worker's relay holds are handed to it in-process once
+committed, not announced by notification (``Store.set_local_publisher``), and published
+from memory without a scan when each follows the last event the relay published for its
+session (:meth:`OutboxRelay.committed`): with one worker no ``events`` notification is
+sent and no scan is needed, and every notification that is sent wakes only the relay that
+publishes it (each listening worker still receives and discards it).
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import contextlib
 import random
 import time
 import zlib
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,7 +53,7 @@ from consumer.observability.logs import get_logger
 from consumer.observability.metrics import OUTBOX_BACKLOG, OUTBOX_LAG, OUTBOX_PUBLISHED
 from consumer.observability.tracing import span
 from lash_core import jsontext
-from lash_core.events import OutboxMessage, TurnActivity, session_shard
+from lash_core.events import DurableEvent, OutboxMessage, TurnActivity, session_shard
 from lash_core.store.base import Notification, Store
 from lash_core.store.postgres import notify
 
@@ -70,6 +74,12 @@ relay marking every batch at once sent a mark and a scan per wake-up, 4.2 of a t
 14.6 statements; there each of the four relays gets about 70 events a second (three per
 input), so most marks ride along. The cost is the window in which a crashed relay's
 successor republishes events (observers dedupe by ``message_id``)."""
+
+
+REMEMBERED_SESSIONS = 4096
+"""How many sessions' last published ``seq`` a relay remembers (least recently published
+forgotten first), so that events handed over by its store can go out without a scan when
+they follow on (see :meth:`OutboxRelay.committed`). A forgotten session costs one scan."""
 
 
 def lock_keys(namespace: str, shard: int) -> tuple[int, int]:
@@ -306,7 +316,10 @@ class OutboxRelay:
         self._next_retake = 0.0
         self._scan = True
         self._unmarked: list[OutboxMessage] = []
+        self._handed: list[DurableEvent] = []
+        self._last_seq: OrderedDict[str, int] = OrderedDict()
         self.published = 0
+        self.handed_published = 0
         self.scans = 0
         self.retakes = 0
 
@@ -328,6 +341,23 @@ class OutboxRelay:
     def wake(self) -> None:
         """New events may exist (a local commit or an ``events`` notification)."""
         self._scan = True
+        self._wake.set()
+
+    def committed(self, events: Sequence[DurableEvent]) -> None:
+        """Durable events of sessions this relay publishes, just committed by this
+        process's store: published from memory on the next pass, without a scan, when each
+        follows the last event this relay published for its session (or is its first).
+
+        Otherwise, or when a scan is due anyway, a scan publishes them: they are committed,
+        so it finds them, in order, with whatever else came before them. Only events
+        committed here arrive this way; another worker's reach this relay as ``events``
+        notifications, which make it scan. A backlog (more than a batch waiting) is also
+        left to the scan rather than held in memory."""
+        if not events or len(self._handed) + len(events) > self._batch:
+            self._handed.clear()
+            self.wake()
+            return
+        self._handed.extend(events)
         self._wake.set()
 
     def on_notification(self, note: Notification) -> None:
@@ -414,9 +444,20 @@ class OutboxRelay:
             self._scan = True
 
     async def publish_once(self) -> bool:
-        """One scan of every held shard. True when it found a full batch (go again)."""
-        if not self._scan or not self._locks.held:
+        """Publish the events handed over (:meth:`committed`) that follow on, then, if a
+        scan is due, one scan of every held shard. True when the scan found a full batch
+        (go again)."""
+        if not self._locks.held:
+            self._handed.clear()
             return False
+        if self._handed and not self._scan:
+            handed = self._following_on()
+            if handed:
+                await self._publish(handed)
+                self.handed_published += len(handed)
+        if not self._scan:
+            return False  # (events handed over meanwhile wait, with a wake-up, for the next)
+        self._handed.clear()  # committed before they were handed over: the scan finds them
         self._scan = False
         self.scans += 1
         try:
@@ -437,6 +478,42 @@ class OutboxRelay:
         full = len(events) >= self._batch
         self._scan = self._scan or full
         return full
+
+    def _following_on(self) -> list[OutboxMessage]:
+        """The handed-over events that can go out without a scan: each session's, in
+        ``seq`` order, while each follows the last one published (a session's first event
+        follows nothing). A gap means events of another worker not published yet: the
+        session's are left to the scan, which this asks for. Events this relay published
+        already (a scan found them first) are dropped; so are those of shards it lost."""
+        handed, self._handed = self._handed, []
+        ready: list[OutboxMessage] = []
+        last: dict[str, int | None] = {}
+        for event in sorted(handed, key=lambda e: (e.session_id, e.seq)):
+            sid = event.session_id
+            if sid not in last:
+                if not self.publishes(sid):
+                    last[sid] = None
+                    continue
+                last[sid] = self._last_seq.get(sid, 0 if event.seq == 1 else -1)
+            before = last[sid]
+            if before is None:
+                continue
+            if before >= event.seq:
+                continue  # published by a scan
+            if before != event.seq - 1:
+                last[sid] = None
+                self._scan = True
+                continue
+            last[sid] = event.seq
+            ready.append(OutboxMessage.of(event))
+        return ready
+
+    def _remember(self, session_id: str, seq: int) -> None:
+        seen = self._last_seq
+        seen[session_id] = seq
+        seen.move_to_end(session_id)
+        if len(seen) > REMEMBERED_SESSIONS:
+            seen.popitem(last=False)
 
     async def _publish(self, events: Sequence[OutboxMessage]) -> None:
         """Publish a batch as one write and await its confirms together (see
@@ -464,6 +541,7 @@ class OutboxRelay:
                 )
                 continue
             done.append(event)
+            self._remember(event.session_id, event.seq)
             if event.created_at_ms:
                 OUTBOX_LAG.observe(max(0.0, now - event.created_at_ms / 1000))
         if failed:

@@ -182,6 +182,10 @@ class LocalPublisher(Protocol):
     def wake(self) -> None:
         """New durable events may exist: scan for them."""
 
+    def committed(self, events: Sequence[DurableEvent]) -> None:
+        """``events`` of sessions it publishes were just committed: it may publish them
+        from memory instead of scanning for them (an empty list: scan, as :meth:`wake`)."""
+
 
 class Store(abc.ABC):
     """Durable state of agent sessions. All methods are safe to call concurrently."""
@@ -511,9 +515,11 @@ class Store(abc.ABC):
         worker publishes the session's events scans for them. When that is this process
         (``publisher.publishes(session_id)``), the wake-up would only travel through the
         database to come back here, and every listening worker would be woken by it: so
-        the store calls ``publisher.wake()`` once the change is committed instead, and
-        sends none. Should the publisher lose the session between that check and its scan,
-        whoever takes the session's events over scans them on taking over (and polls)."""
+        the store sends none and, once the change is committed, hands the events over
+        (``publisher.committed(events)``) or, where it has not built them, wakes it
+        (``publisher.wake()``). Should the publisher lose the session between that check
+        and publishing, whoever takes the session's events over scans them on taking over
+        (and polls)."""
         self._local_publisher = publisher
 
     def _quiet_events(self, session_id: str) -> LocalPublisher | None:

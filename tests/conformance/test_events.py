@@ -10,11 +10,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 import pytest
 
 from lash_core.events import (
+    DurableEvent,
     InputAccepted,
     InputAdmitted,
     InputCancelled,
@@ -297,6 +298,7 @@ class _LocalRelay:
     def __init__(self, *sessions: str) -> None:
         self.sessions = set(sessions)
         self.wakes = 0
+        self.handed: list[DurableEvent] = []
 
     def publishes(self, session_id: str) -> bool:
         return session_id in self.sessions
@@ -304,13 +306,18 @@ class _LocalRelay:
     def wake(self) -> None:
         self.wakes += 1
 
+    def committed(self, events: Sequence[DurableEvent]) -> None:
+        self.wakes += 1
+        self.handed.extend(events)
+
 
 async def test_events_published_in_this_process_wake_it_instead_of_notifying(
     store: Store,
 ) -> None:
     """Events of a session the local publisher holds send no ``events`` wake-up: the
-    publisher is woken after each commit that appended them (admission, batch admission,
-    turn start, commit). Other wake-ups, and other sessions' events, still go out."""
+    publisher is told after each commit that appended them (admission, batch admission,
+    turn start, commit), woken or handed the events themselves (then all of them, as
+    stored). Other wake-ups, and other sessions' events, still go out."""
     relay = _LocalRelay("quiet")
     store.set_local_publisher(relay)
     seen: list[Notification] = []
@@ -372,7 +379,9 @@ async def test_events_published_in_this_process_wake_it_instead_of_notifying(
         assert ("work", "quiet") in quiet
         assert ("events", "quiet") not in quiet
         assert ("events", "loud") in [(n.kind, n.session_id) for n in seen[ready:]]
-        assert len((await store.events_after("quiet", 0)).events) == 4
+        stored = (await store.events_after("quiet", 0)).events
+        assert len(stored) == 4
+        assert relay.handed in ([], stored)
     finally:
         store.set_local_publisher(None)
         collector.cancel()

@@ -358,11 +358,13 @@ async def test_marks_ride_on_the_next_scan_or_go_alone_after_the_linger(
             alone = sum(s.startswith("UPDATE lash_events e SET published") for s in statements)
             return alone, sum(s.startswith("WITH marked AS") for s in statements)
 
-        await admit(store, "linger-a", 1)
+        await admit(store, "linger-a", 1)  # handed over: published without a scan
         await _until(lambda: relay.pending_marks == 1)
         assert relay.published == 0 and len(await store.unpublished_events(100)) == 1
-        await admit(store, "linger-b", 1)  # its commit wakes the relay: the scan marks a
-        await _until(lambda: relay.published == 1 and relay.pending_marks == 1)
+        store.set_local_publisher(None)  # b's event is announced, as another worker's are
+        await admit(store, "linger-b", 1)
+        relay.on_notification(Notification(kind="events", session_id="linger-b"))
+        await _until(lambda: relay.published == 1 and relay.pending_marks == 1)  # scan marked a
         assert marks() == (0, 1)
         assert [e.session_id for e in await store.unpublished_events(100)] == ["linger-b"]
         await relay.stop()
@@ -386,4 +388,75 @@ async def test_marks_ride_on_the_next_scan_or_go_alone_after_the_linger(
     finally:
         store.set_local_publisher(None)
         store.database.remove_listener(statements.append)
+        await connection.close()
+
+
+async def test_handed_over_events_go_out_without_a_scan_while_they_follow_on(
+    store: Store, db_url: str, amqp_url: str, clean_namespace: str
+) -> None:
+    """Events its store hands over are published from memory while each follows the last
+    one the relay published for its session. One committed elsewhere (by another store,
+    never announced to this relay) leaves a gap: the next handed-over event makes the relay
+    scan, which publishes both in order; after that the session follows on again."""
+    other = PostgresStore(db_url, pool_size=1)
+    await other.start()
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare(channel, clean_namespace, 5)
+        relay = _relay(store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0)
+        store.set_local_publisher(relay)
+        async with (
+            await Producer.on_connection(connection, clean_namespace) as producer,
+            producer.observe() as observer,
+        ):
+            run = asyncio.create_task(relay.run())
+            await _until(lambda: relay.held_shards == {0})
+            await _until(lambda: relay.scans == 1)  # the scan that taking the shard asks for
+            events: list[dict[str, Any]] = []
+
+            await admit(store, "handed", 3)
+            await collect_until(observer, events, lambda evs: len(evs) >= 3, timeout_s=30)
+            await _until(lambda: relay.published + relay.pending_marks == 3)
+            assert relay.scans == 1 and relay.handed_published == 3
+
+            await other.enqueue_input(
+                TurnInputDraft(
+                    session_id="handed",
+                    source_key="elsewhere",
+                    input=TurnInput(items=[TextItem(text="from another worker")]),
+                )
+            )
+            await store.enqueue_input(
+                TurnInputDraft(
+                    session_id="handed",
+                    source_key="after",
+                    input=TurnInput(items=[TextItem(text="after the gap")]),
+                )
+            )
+            await collect_until(observer, events, lambda evs: len(evs) >= 5, timeout_s=30)
+            await _until(lambda: relay.published + relay.pending_marks == 5)
+            assert relay.scans == 2 and relay.handed_published == 3
+
+            await store.enqueue_input(
+                TurnInputDraft(
+                    session_id="handed",
+                    source_key="last",
+                    input=TurnInput(items=[TextItem(text="follows on")]),
+                )
+            )
+            await collect_until(observer, events, lambda evs: len(evs) >= 6, timeout_s=30)
+            await _until(lambda: relay.published + relay.pending_marks == 6)
+            assert relay.scans == 2 and relay.handed_published == 4
+
+            assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
+            assert_gapless(events)
+            assert_message_properties(observer)
+            await relay.stop()
+            await run
+            await relay.close()
+        assert await store.unpublished_events(100) == []
+    finally:
+        store.set_local_publisher(None)
+        await other.close()
         await connection.close()

@@ -13,6 +13,7 @@ pending command and lets a final commit release an idle session's lease by itsel
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Collection, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Literal
@@ -177,7 +178,7 @@ def _event_params(
     """Bind parameters, the ``VALUES`` rows of the events and the ``pg_notify`` calls.
 
     Appended events add an ``events`` wake-up unless told not to ``announce`` them (see
-    ``PostgresStore._announce``).
+    ``PostgresStore._local_events``).
     """
     params: dict[str, Any] = {
         "es": session_id,
@@ -734,16 +735,17 @@ class PostgresStore(Store):
         result = await conn.execute(_WRITE_INPUTS, _input_write_params(session_id, records, now))
         return len(result.all())
 
-    def _announce(self, conn: Connection, session_id: str) -> bool:
-        """Whether events appended for ``session_id`` in ``conn``'s transaction need an
-        ``events`` wake-up: not when this process publishes them (see
-        :meth:`Store.set_local_publisher`); then its publisher is woken once they are
-        committed."""
+    def _local_events(self, conn: Connection, session_id: str) -> list[DurableEvent] | None:
+        """Where events appended for ``session_id`` in ``conn``'s transaction go instead of
+        an ``events`` wake-up, if this process publishes them (see
+        :meth:`Store.set_local_publisher`): a list the caller fills with the events, handed
+        to the publisher once they are committed. ``None``: announce them."""
         local = self._quiet_events(session_id)
         if local is None:
-            return True
-        conn.after_commit(local.wake)
-        return False
+            return None
+        events: list[DurableEvent] = []
+        conn.after_commit(functools.partial(local.committed, events))
+        return events
 
     async def _append_events(
         self,
@@ -776,8 +778,10 @@ class PostgresStore(Store):
         inputs: Sequence[PendingTurnInput] = (),
     ) -> tuple[list[DurableEvent], str | None]:
         """:meth:`_append_events`, also returning the session's committed leaf node id."""
-        announce = not payloads or self._announce(conn, session_id)
-        params, values, calls = _event_params(session_id, now, payloads, notes, announce=announce)
+        local = self._local_events(conn, session_id) if payloads else None
+        params, values, calls = _event_params(
+            session_id, now, payloads, notes, announce=local is None
+        )
         ctes: list[str] = []
         if lease is not None:
             ctes.append(f"lease_w AS ({LEASE_UPSERT_SQL} RETURNING 1)")
@@ -807,6 +811,8 @@ class PostgresStore(Store):
             )
         ).one()
         events = _numbered(session_id, int(row.last_seq), int(row.head_revision), now, payloads)
+        if local is not None:
+            local.extend(events)
         return events, row.leaf_node_id
 
     async def _inputs(
@@ -835,8 +841,9 @@ class PostgresStore(Store):
             now, lease = int(row.now_ms), lease_from_json(row.lease)
             record = _admitted_record(draft, input_id, int(row.seq), lease, now)
             payload = InputAdmitted(input=record.public())
+            local = self._local_events(conn, sid)
             params, values, calls = _event_params(
-                sid, now, [payload], [("work", None)], announce=self._announce(conn, sid)
+                sid, now, [payload], [("work", None)], announce=local is None
             )
             params.update(
                 {
@@ -878,6 +885,8 @@ class PostgresStore(Store):
             (event,) = _numbered(
                 sid, int(admitted.last_seq), int(admitted.head_revision), now, [payload]
             )
+            if local is not None:
+                local.append(event)
             return InputAdmission(
                 status=AdmissionStatus.ADMITTED,
                 record=record,
@@ -903,6 +912,11 @@ class PostgresStore(Store):
             drafts
         )
         async with self._tx(openings=[Opening(_BATCH_GATE, (sessions,), "gate")]) as conn:
+            local = {
+                sid: events
+                for sid in sessions
+                if (events := self._local_events(conn, sid)) is not None
+            }
             gate = conn.opened("gate")
             now = 0
             leases: dict[str, LeaseRow | None] = {}
@@ -944,8 +958,7 @@ class PostgresStore(Store):
                     "note_sids": sessions,
                     "note_work": [notify.payload("work", sid) for sid in sessions],
                     "note_events": [
-                        notify.payload("events", sid) if self._announce(conn, sid) else None
-                        for sid in sessions
+                        None if sid in local else notify.payload("events", sid) for sid in sessions
                     ],
                 },
             )
@@ -962,16 +975,19 @@ class PostgresStore(Store):
                         outcomes[index] = exc
                     continue
                 lease = leases[record.session_id]
+                event = DurableEvent(
+                    session_id=record.session_id,
+                    seq=int(row.seq),
+                    revision=int(row.revision),
+                    payload=payload,
+                    created_at_ms=now,
+                )
+                if (handed := local.get(record.session_id)) is not None:
+                    handed.append(event)
                 outcomes[index] = InputAdmission(
                     status=AdmissionStatus.ADMITTED,
                     record=record,
-                    event=DurableEvent(
-                        session_id=record.session_id,
-                        seq=int(row.seq),
-                        revision=int(row.revision),
-                        payload=payload,
-                        created_at_ms=now,
-                    ),
+                    event=event,
                     held_by=lease.owner if lease is not None and lease.is_live(now) else None,
                     behind_open_input=bool(row.behind),
                 )
@@ -1836,8 +1852,8 @@ class PostgresStore(Store):
         """One statement: head CAS + session fields, events, stamp, lease row, wake-ups
         (``commit_hash``: the turn's, computed once by the caller)."""
         sid = commit.session_id
-        announce = not payloads or self._announce(conn, sid)
-        params, values, calls = _event_params(sid, now, payloads, notes, announce=announce)
+        local = self._local_events(conn, sid) if payloads else None
+        params, values, calls = _event_params(sid, now, payloads, notes, announce=local is None)
         head = result.head_revision
         usage = Usage.model_validate(session["usage"]) if session else Usage()
         if commit.usage is not None:
@@ -1904,6 +1920,8 @@ class PostgresStore(Store):
         if row is None:
             # Backstop only: the lease row lock already serialises this session's commits.
             raise HeadRevisionConflict(sid, commit.expected_head_revision, head)
+        if local is not None:
+            local.extend(result.events)
 
     async def _complete_and_defer(
         self,
