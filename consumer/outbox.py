@@ -316,6 +316,7 @@ class OutboxRelay:
         self._next_retake = 0.0
         self._scan = True
         self._unmarked: list[OutboxMessage] = []
+        self._unmarked_at = 0.0  # loop time of the oldest unmarked confirm
         self._handed: list[DurableEvent] = []
         self._last_seq: OrderedDict[str, int] = OrderedDict()
         self.published = 0
@@ -396,11 +397,15 @@ class OutboxRelay:
             if self._retake_now:
                 timeout = self._poll_s
             deadline = loop.time() + timeout
-            if self._unmarked and timeout > self._linger_s:
-                if await self._woken(self._linger_s):
-                    continue
-                # No scan came to carry the marks: write them alone, then wait on.
-                await self._mark_unmarked()
+            if self._unmarked:
+                # Counted from the first confirm, so that wake-ups without a scan (events
+                # handed over) cannot put the marks off.
+                due = self._unmarked_at + self._linger_s
+                if due < deadline:
+                    if due > loop.time() and await self._woken(due - loop.time()):
+                        continue
+                    # No scan came to carry the marks: write them alone, then wait on.
+                    await self._mark_unmarked()
             if await self._woken(max(0.0, deadline - loop.time())):
                 continue
             self._scan = True  # the fallback poll
@@ -546,6 +551,8 @@ class OutboxRelay:
                 OUTBOX_LAG.observe(max(0.0, now - event.created_at_ms / 1000))
         if failed:
             self._scan = True  # what failed is retried on the next pass
+        if done and not self._unmarked:
+            self._unmarked_at = asyncio.get_running_loop().time()
         self._unmarked.extend(done)
 
     async def flush(self, timeout_s: float) -> None:

@@ -460,3 +460,34 @@ async def test_handed_over_events_go_out_without_a_scan_while_they_follow_on(
         store.set_local_publisher(None)
         await other.close()
         await connection.close()
+
+
+async def test_steady_handed_over_events_cannot_put_their_marks_off(
+    store: Store, db_url: str, amqp_url: str, clean_namespace: str
+) -> None:
+    """Each handed-over event wakes the relay without a scan to carry the marks: the
+    linger counts from the oldest unmarked confirm, so a steady stream of them (one every
+    few milliseconds, against a linger of 0.2 s) is still marked published on time."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare(channel, clean_namespace, 5)
+        relay = _relay(
+            store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0, linger=0.2
+        )
+        store.set_local_publisher(relay)
+        run = asyncio.create_task(relay.run())
+        await _until(lambda: relay.held_shards == {0})
+        scans = relay.scans
+        admitted = 0
+        while relay.published == 0:
+            assert admitted < 400, "marks put off while handed-over events kept coming"
+            await admit(store, f"steady-{admitted}", 1)
+            admitted += 1
+        assert relay.scans == scans and relay.handed_published >= relay.published
+        await relay.stop()
+        await run
+        await relay.close()
+    finally:
+        store.set_local_publisher(None)
+        await connection.close()
