@@ -41,12 +41,12 @@ async def store(db_url: str) -> AsyncIterator[Store]:
         await pg.close()
 
 
-async def admit(store: Store, session_id: str, n: int) -> None:
+async def admit(store: Store, session_id: str, n: int, key: str = "k") -> None:
     for i in range(n):
         await store.enqueue_input(
             TurnInputDraft(
                 session_id=session_id,
-                source_key=f"k{i}",
+                source_key=f"{key}{i}",
                 input=TurnInput(items=[TextItem(text=f"{session_id} {i}")]),
             )
         )
@@ -420,31 +420,13 @@ async def test_handed_over_events_go_out_without_a_scan_while_they_follow_on(
             await _until(lambda: relay.published + relay.pending_marks == 3)
             assert relay.scans == 1 and relay.handed_published == 3
 
-            await other.enqueue_input(
-                TurnInputDraft(
-                    session_id="handed",
-                    source_key="elsewhere",
-                    input=TurnInput(items=[TextItem(text="from another worker")]),
-                )
-            )
-            await store.enqueue_input(
-                TurnInputDraft(
-                    session_id="handed",
-                    source_key="after",
-                    input=TurnInput(items=[TextItem(text="after the gap")]),
-                )
-            )
+            await admit(other, "handed", 1, key="elsewhere")
+            await admit(store, "handed", 1, key="after")
             await collect_until(observer, events, lambda evs: len(evs) >= 5, timeout_s=30)
             await _until(lambda: relay.published + relay.pending_marks == 5)
             assert relay.scans == 2 and relay.handed_published == 3
 
-            await store.enqueue_input(
-                TurnInputDraft(
-                    session_id="handed",
-                    source_key="last",
-                    input=TurnInput(items=[TextItem(text="follows on")]),
-                )
-            )
+            await admit(store, "handed", 1, key="last")
             await collect_until(observer, events, lambda evs: len(evs) >= 6, timeout_s=30)
             await _until(lambda: relay.published + relay.pending_marks == 6)
             assert relay.scans == 2 and relay.handed_published == 4
