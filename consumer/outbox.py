@@ -12,12 +12,18 @@ Sessions are split into ``LASH_OUTBOX_SHARDS`` shards. A relay publishes a shard
 it holds a PostgreSQL advisory lock for ``(namespace, shard)`` on a dedicated connection,
 so each session has exactly one publisher at a time (its order holds across the fleet) and
 a dead worker's shards (its connection gone, its locks released by PostgreSQL) are taken
-over by whoever tries next.
+over by whoever tries next. The relays share the shards out: each holds at most
+``ceil(shards / relays)``, counting the relays connected now (their lock connections'
+``application_name``, see :func:`presence_name`), so each worker publishes the events of
+about as many sessions as the next; and since a session's turns run where its events are
+published (``consumer.dispatch``), each runs about as many turns.
 
-What it costs the database, since every worker runs a relay: trying to take free shards is
-one statement on a slow, jittered timer (``retake_interval_s``), which also proves the lock
-connection alive, so publishing needs no pings; a relay that releases its shards on a
-graceful stop says so with a notification, and the others retake at once. A relay scans
+What it costs the database, since every worker runs a relay: balancing the shards is one
+or two statements on a slow, jittered timer (``retake_interval_s``), which also proves the
+lock connection alive, so publishing needs no pings. A relay that releases shards (on a
+graceful stop, or above its share) says so with a notification, and the others retake at
+once; so does a relay that joins short of its share, once, so that holders above their
+share release at once rather than on their timers. A relay scans
 only when there is a reason - an ``events`` notification for a session of a shard it holds,
 a handed-over event that does not follow on, or the ``poll_interval_s`` fallback - and then
 with one statement covering every shard it holds. A relay that holds no shard never scans.
@@ -221,12 +227,19 @@ async def publish_confirmed(
     return [o if isinstance(o, BaseException) else None for o in outcomes]
 
 
+def presence_name(namespace: str) -> str:
+    """The ``application_name`` of a relay's lock connection: relays of one namespace count
+    each other by it in ``pg_stat_activity`` (PostgreSQL keeps 63 bytes of it)."""
+    return f"lash-outbox {namespace}"[:63]
+
+
 class ShardLocks:
     """Advisory locks of outbox shards on one dedicated autocommit connection."""
 
     def __init__(self, database_url: str, namespace: str) -> None:
         self._url = database_url
         self._namespace = namespace
+        self._presence = presence_name(namespace)
         self._conn: psycopg.AsyncConnection[tuple[object, ...]] | None = None
         self.held: set[int] = set()
 
@@ -234,41 +247,71 @@ class ShardLocks:
         if self._conn is None or self._conn.closed:
             self.held.clear()
             self._conn = await psycopg.AsyncConnection.connect(
-                self._url, autocommit=True, application_name="lash-outbox-locks"
+                self._url, autocommit=True, application_name=self._presence
             )
         return self._conn
 
-    async def take(self, shards: Sequence[int]) -> list[int]:
-        """Try to lock every shard of ``shards`` not held yet, in one statement; returns
-        the newly taken ones.
+    async def balance(self, shard_count: int) -> tuple[list[int], list[int], int]:
+        """Hold this relay's share of the ``shard_count`` shards: at most ``ceil(shard_count
+        / relays)``, counting the relays of the namespace connected to the database now.
+        Shards above the share are released (the highest first); free ones are locked up
+        to it. Returns the newly taken shards, the released ones and the share.
 
-        The statement also proves the connection alive: if it fails, the locks may be gone
+        The statements also prove the connection alive: if one fails, the locks may be gone
         (PostgreSQL drops them with the session), so every shard is dropped here and the
         error propagates.
         """
         conn = await self._connection()
-        free = [shard for shard in shards if shard not in self.held]
         key, _ = lock_keys(self._namespace, 0)
         try:
             cur = await conn.execute(
-                "SELECT s FROM unnest(%s::int[]) AS s WHERE pg_try_advisory_lock(%s::int, s)",
-                (free, key),
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE application_name = %s AND datname = current_database()",
+                (self._presence,),
             )
-            rows = await cur.fetchall()
+            counted = await cur.fetchone()
+            relays = max(1, int(counted[0]) if counted else 1)  # type: ignore[call-overload]
+            share = -(-shard_count // relays)
+            released = sorted(self.held)[share:]
+            if released:
+                await conn.execute(
+                    "SELECT pg_advisory_unlock(%s::int, s) FROM unnest(%s::int[]) AS s",
+                    (key, released),
+                )
+                self.held.difference_update(released)
+            taken: list[int] = []
+            if len(self.held) < share:
+                free = [shard for shard in range(shard_count) if shard not in self.held]
+                # The limit stops the scan, so no lock beyond the share is taken.
+                cur = await conn.execute(
+                    "SELECT s FROM unnest(%s::int[]) AS s"
+                    " WHERE pg_try_advisory_lock(%s::int, s) LIMIT %s",
+                    (free, key, share - len(self.held)),
+                )
+                taken = sorted(int(row[0]) for row in await cur.fetchall())  # type: ignore[call-overload]
         except psycopg.Error:
             log.warning("outbox_lock_connection_lost", shards=sorted(self.held))
             await self.close(announce=False)
             raise
-        taken = sorted(int(row[0]) for row in rows)  # type: ignore[call-overload]
         self.held.update(taken)
-        return taken
+        return taken, released, share
+
+    async def announce(self) -> None:
+        """Tell the namespace's relays (an ``events`` notification naming
+        :func:`released_marker`) to balance their shards now, not on their timers."""
+        conn = await self._connection()
+        await conn.execute(
+            "SELECT pg_notify(%s, %s)",
+            (notify.CHANNEL, notify.payload("events", released_marker(self._namespace))),
+        )
 
     async def close(self, *, announce: bool = True) -> None:
         """Give the shards up and close the connection.
 
         With ``announce``, the locks are released and an ``events`` notification names
         :func:`released_marker` in the same statement, so other relays retake at once
-        instead of on their timer.
+        instead of on their timer; the connection renames itself in that statement too,
+        so that they no longer count this relay when they share the shards out.
         """
         had = bool(self.held)
         self.held.clear()
@@ -278,7 +321,8 @@ class ShardLocks:
         if announce and had and not conn.closed:
             with contextlib.suppress(Exception):
                 await conn.execute(
-                    "SELECT pg_advisory_unlock_all(), pg_notify(%s, %s)",
+                    "SELECT set_config('application_name', 'lash-outbox-leaving', false),"
+                    " pg_advisory_unlock_all(), pg_notify(%s, %s)",
                     (notify.CHANNEL, notify.payload("events", released_marker(self._namespace))),
                 )
         with contextlib.suppress(Exception):
@@ -313,6 +357,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = False
         self._retake_now = True
+        self._joined = False
         self._next_retake = 0.0
         self._scan = True
         self._unmarked: list[OutboxMessage] = []
@@ -364,9 +409,9 @@ class OutboxRelay:
     def on_notification(self, note: Notification) -> None:
         """An ``events`` notification: scan, or retake now if a relay gave shards up."""
         if note.session_id == self._marker:
-            if len(self._locks.held) < self._shards:
-                self._retake_now = True
-                self._wake.set()
+            # A relay left, joined short of its share or released some: share out again.
+            self._retake_now = True
+            self._wake.set()
             return
         if note.session_id.startswith(RELEASED_PREFIX):
             return  # another namespace's relay
@@ -438,15 +483,28 @@ class OutboxRelay:
         self._unmarked = []
 
     async def _maybe_retake(self, now: float) -> None:
+        """Balance the shards (see :meth:`ShardLocks.balance`) when due: on the timer, or
+        at once when a relay announced a change. Confirmed events are marked before their
+        shards go, so the next holder does not publish them again; a relay that joins
+        short of its share announces it once, so that holders above theirs release now."""
         if not self._retake_now and now < self._next_retake:
             return
         self._retake_now = False
         self._next_retake = now + self._retake_s * random.uniform(1 - JITTER, 1 + JITTER)
         self.retakes += 1
-        taken = await self._locks.take(range(self._shards))
+        if self._unmarked:
+            await self._mark_unmarked()
+        taken, released, share = await self._locks.balance(self._shards)
+        if released:
+            log.info("outbox_shards_released", shards=released, held=sorted(self._locks.held))
+            await self._locks.announce()
         if taken:
             log.info("outbox_shards_taken", shards=taken, held=sorted(self._locks.held))
             self._scan = True
+        if not self._joined:
+            self._joined = True
+            if len(self._locks.held) < share:
+                await self._locks.announce()
 
     async def publish_once(self) -> bool:
         """Publish the events handed over (:meth:`committed`) that follow on, then, if a

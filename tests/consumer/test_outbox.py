@@ -96,13 +96,20 @@ async def test_relays_publish_in_order_and_take_over(
         ):
             run_a = asyncio.create_task(a.run())
             await _until(lambda: len(a.held_shards) == 4)
-            run_b = asyncio.create_task(b.run())
             sessions = [f"ob-{i}" for i in range(6)]
-            await asyncio.gather(*(admit(store, s, 5) for s in sessions))
+            await asyncio.gather(*(admit(store, s, 2) for s in sessions))
+            # b joins while a publishes: a gives up half of the shards (on its timer here,
+            # with no notifications routed) and b takes them
+            run_b = asyncio.create_task(b.run())
+            await _until(lambda: len(a.held_shards) == 2 and len(b.held_shards) == 2)
+            assert not a.held_shards & b.held_shards
+            await asyncio.gather(*(admit(store, s, 3, key="j") for s in sessions))
             events: list[dict[str, Any]] = []
             await collect_until(observer, events, lambda evs: len(evs) >= 30, timeout_s=30)
-            assert b.held_shards == set()  # a holds every shard: b never publishes
-            assert b.published == 0
+            assert {s for s in sessions if b.publishes(s)} and {
+                s for s in sessions if a.publishes(s)
+            }
+            assert b.published > 0
 
             # a goes away: its advisory locks die with its connection; b takes over
             await a.stop()
@@ -205,6 +212,66 @@ async def test_relays_scan_once_per_wake_and_retake_only_on_timer_or_release(
         await admit(store, "after-release", 2)
         await _until(lambda: b.published == 2)
         assert await store.unpublished_events(100) == []
+
+        router.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await router
+        await b.stop()
+        await run_b
+        await b.close()
+    finally:
+        closer = getattr(notes, "aclose", None)
+        if closer is not None:
+            with contextlib.suppress(Exception):
+                await closer()
+        await connection.close()
+
+
+async def test_relays_share_the_shards_out_at_once_when_one_joins_or_leaves(
+    store: Store, db_url: str, amqp_url: str, clean_namespace: str
+) -> None:
+    """A relay that joins short of its share says so, and the holder above its share
+    releases the difference at once (their timers are a minute away): each ends with half.
+    When one leaves, the other takes every shard at once, no longer counting it."""
+    connection = await aio_pika.connect_robust(amqp_url)
+    notes = store.notifications()
+    try:
+        channel = await connection.channel(publisher_confirms=True)
+        topology = await declare(channel, clean_namespace, 5)
+        relays: list[OutboxRelay] = []
+
+        async def route() -> None:
+            async for note in notes:
+                if note.kind == "events":
+                    for relay in relays:
+                        relay.on_notification(note)
+
+        router = asyncio.create_task(route())
+
+        def relay() -> OutboxRelay:
+            made = _relay(store, topology, db_url, clean_namespace, shards=8, batch=500, poll=60.0)
+            relays.append(made)
+            return made
+
+        a = relay()
+        run_a = asyncio.create_task(a.run())
+        await _until(lambda: len(a.held_shards) == 8)
+        probes = 0
+        while a.published < 1:  # until LISTEN is in place (a scans on the notification)
+            await admit(store, f"share-probe-{probes}", 1)
+            probes += 1
+            await asyncio.sleep(0.05)
+
+        b = relay()
+        run_b = asyncio.create_task(b.run())
+        await _until(lambda: len(a.held_shards) == 4 and len(b.held_shards) == 4, timeout_s=10)
+        assert not a.held_shards & b.held_shards
+        assert a.retakes >= 2 and b.retakes >= 2  # by announcement: the timers are far off
+
+        await a.stop()
+        await run_a
+        await a.close()
+        await _until(lambda: len(b.held_shards) == 8, timeout_s=10)
 
         router.cancel()
         with contextlib.suppress(asyncio.CancelledError):
