@@ -146,10 +146,13 @@ class Admission:
         """Whether admitted input needs a drain woken: not when a live lease holder (this
         worker or another) will see it anyway, which saves a lease attempt per input, nor
         when a drain was already woken for the session's earlier open input (it claims
-        this one too; another would race it for the lease and find nothing left)."""
+        this one too; another would race it for the lease and find nothing left), nor when
+        the session runs where its events are published, another worker, which the
+        admission's notification woke (a dead holder's lease is still this worker's to take
+        over: only it knows that holder is dead)."""
         if admission.held_by is not None and self._owner is not None:
             return holder_is_definitely_dead(admission.held_by, self._owner)
-        return not admission.behind_open_input
+        return not (admission.behind_open_input or admission.runs_elsewhere)
 
     def _work(self, session_id: str) -> None:
         if self._on_work is not None:

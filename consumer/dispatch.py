@@ -19,6 +19,15 @@ has free drain slots: a saturated worker would only queue them behind its own wo
 race whoever is about to drain them (the admitter, whose drain is queued there) for the
 lease, each lost race costing transactions on every side.
 
+Turns run where the session's events are published, when that is known: an admitter
+that does not publish a session's events (``InputAdmission.runs_elsewhere``) wakes no
+drain, and its ``work`` notification (``for_publisher``) makes the worker whose outbox
+relay holds the session's shard (``runs_here``) drain it at once, without the delay and
+the check. There the session's state stays cached between turns and its events go out
+from memory without a scan (``OutboxRelay.committed``). Every other worker treats that
+notification as plain ``work``, so if no worker publishes the session just then, the
+check drains it after the delay.
+
 A session has at most one drain task in this process. A kick while it drains marks it to
 be drained again; a kick while it waits for a drain slot does not, since the drain that
 follows reads after it. Input admitted while a drain runs is never left behind: the final commit
@@ -74,9 +83,11 @@ class Dispatcher:
         sweep_limit: int = 500,
         notify_delay_s: float = 0.25,
         on_report: Callable[[DrainReport], None] | None = None,
+        runs_here: Callable[[str], bool] | None = None,
     ) -> None:
         self._driver = driver
         self._store = store
+        self._runs_here = runs_here
         self._slots = asyncio.Semaphore(concurrency)
         self._concurrency = concurrency
         self._sweep_interval_s = sweep_interval_s
@@ -92,6 +103,7 @@ class Dispatcher:
         self.sweeps = 0
         self.checks = 0
         self.probes = 0
+        self.handoffs = 0
         self._active = 0
         self.drains = 0
         self.idle_drains = 0
@@ -112,9 +124,16 @@ class Dispatcher:
 
     def on_notification(self, note: Notification) -> None:
         if note.kind == "work":
-            if note.session_id not in self._tasks and not self._closing:
-                self._notified.add(note.session_id)
-                self._sweeper_wake.set()
+            if note.session_id in self._tasks or self._closing:
+                return
+            runs_here = self._runs_here
+            if note.for_publisher and runs_here is not None and runs_here(note.session_id):
+                # Left here by its admitter: this worker publishes the session's events.
+                self.handoffs += 1
+                self.kick(note.session_id)
+                return
+            self._notified.add(note.session_id)
+            self._sweeper_wake.set()
         elif note.kind == "cancel":
             self.cancel_local(note.session_id, note.turn_id, None)
 

@@ -136,6 +136,7 @@ class Worker:
             concurrency=s.concurrency,
             sweep_interval_s=s.sweep_interval_ms / 1000,
             on_report=self._on_report,
+            runs_here=self.relay.publishes,
         )
         admission = Admission(
             store,

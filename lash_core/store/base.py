@@ -66,6 +66,14 @@ class InputAdmission(Frozen):
     open) and claims this input with it, so the admitter need not wake a second drain
     that would only race the first for the lease and find nothing left. ``False`` means
     none, or not reported: wake a drain."""
+    runs_elsewhere: bool = False
+    """Another process publishes the session's events (this store has a local publisher
+    that does not: see :meth:`Store.set_local_publisher`), so the session's turns belong
+    there, where its state is cached and its events need no scan: the admission's
+    ``work`` notification asks that publisher's worker to drain it at once
+    (:attr:`Notification.for_publisher`), and the admitter wakes no drain of its own.
+    Should no worker publish the session just then, the others' check of notified work
+    (or the recovery sweep) drains it. ``False``: wake a drain as usual."""
 
 
 class CommandAdmission(Frozen):
@@ -170,6 +178,10 @@ class Notification(Frozen):
     kind: Literal["work", "cancel", "events"]
     session_id: str
     turn_id: str | None = None
+    for_publisher: bool = False
+    """``work`` its admitter left, without waking a drain, for the worker that publishes
+    the session's events to drain at once (see :attr:`InputAdmission.runs_elsewhere`);
+    every other worker treats it as plain ``work``."""
 
 
 class LocalPublisher(Protocol):
@@ -519,8 +531,18 @@ class Store(abc.ABC):
         (``publisher.committed(events)``) or, where it has not built them, wakes it
         (``publisher.wake()``). Should the publisher lose the session between that check
         and publishing, whoever takes the session's events over scans them on taking over
-        (and polls)."""
+        (and polls).
+
+        Admitted input of a session the publisher does not publish is reported as
+        :attr:`InputAdmission.runs_elsewhere` and its ``work`` notification as
+        :attr:`Notification.for_publisher`: its turns belong with its publisher."""
         self._local_publisher = publisher
+
+    def _runs_elsewhere(self, session_id: str) -> bool:
+        """Whether ``session_id``'s events are another process's to publish (a local
+        publisher is named and does not publish them): see ``InputAdmission.runs_elsewhere``."""
+        publisher = self._local_publisher
+        return publisher is not None and not publisher.publishes(session_id)
 
     def _quiet_events(self, session_id: str) -> LocalPublisher | None:
         """The local publisher, if it publishes ``session_id``'s events (then appended

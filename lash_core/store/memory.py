@@ -257,12 +257,21 @@ class InMemoryStore(Store):
         self._enqueue_seq += 1
         return self._enqueue_seq
 
-    def _notify(self, kind: _Kind, session_id: str, turn_id: str | None = None) -> None:
+    def _notify(
+        self,
+        kind: _Kind,
+        session_id: str,
+        turn_id: str | None = None,
+        *,
+        for_publisher: bool = False,
+    ) -> None:
         if kind == "events" and (local := self._quiet_events(session_id)) is not None:
             # Changes here are visible at once: there is no commit to wait for.
             local.wake()
             return
-        notification = Notification(kind=kind, session_id=session_id, turn_id=turn_id)
+        notification = Notification(
+            kind=kind, session_id=session_id, turn_id=turn_id, for_publisher=for_publisher
+        )
         for subscriber in list(self._subscribers):
             subscriber.push(notification)
 
@@ -318,7 +327,8 @@ class InMemoryStore(Store):
             event = s.append_event(InputAdmitted(input=record.public()), now)
             self._swap(s)
             self._input_sessions[record.input_id] = s.session_id
-            self._notify("work", s.session_id)
+            elsewhere = self._runs_elsewhere(s.session_id)
+            self._notify("work", s.session_id, for_publisher=elsewhere)
             self._notify("events", s.session_id)
             return InputAdmission(
                 status=AdmissionStatus.ADMITTED,
@@ -326,6 +336,7 @@ class InMemoryStore(Store):
                 event=event,
                 held_by=lease.owner if lease else None,
                 behind_open_input=behind,
+                runs_elsewhere=elsewhere,
             )
 
     async def get_input(self, session_id: str, input_id: str) -> PendingTurnInput | None:

@@ -343,6 +343,7 @@ async def test_admission_reports_input_queued_behind_open_input(store: Store) ->
     PostgreSQL admits a batch in one statement, the memory store one by one.)"""
     first = await store.enqueue_input(draft("s", "one", source_key="k1"))
     assert first.behind_open_input is False
+    assert first.runs_elsewhere is False  # no local publisher: no other place to run
     second = await store.enqueue_input(draft("s", "two", source_key="k2"))
     assert second.behind_open_input is True
     replay = await store.enqueue_input(draft("s", "two", source_key="k2"))

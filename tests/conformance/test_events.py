@@ -25,7 +25,7 @@ from lash_core.events import (
     session_shard,
 )
 from lash_core.inputs import InputIdTarget
-from lash_core.store.base import Notification, Store
+from lash_core.store.base import InputAdmission, Notification, Store
 from tests.conformance.conftest import (
     active,
     append,
@@ -349,11 +349,16 @@ async def test_events_published_in_this_process_wake_it_instead_of_notifying(
         ready = len(seen)
 
         wakes = relay.wakes
-        await store.enqueue_input(draft("quiet", "one"))
+        one = await store.enqueue_input(draft("quiet", "one"))
         assert relay.wakes > wakes
         wakes = relay.wakes
-        await store.enqueue_inputs([draft("quiet", "two"), draft("loud", "three")])
+        two, three = await store.enqueue_inputs([draft("quiet", "two"), draft("loud", "three")])
         assert relay.wakes > wakes
+        # Turns belong where the events are published: "loud" runs elsewhere.
+        assert isinstance(two, InputAdmission) and isinstance(three, InputAdmission)
+        assert not one.runs_elsewhere and not two.runs_elsewhere and three.runs_elsewhere
+        four = await store.enqueue_input(draft("loud", "four"))
+        assert four.runs_elsewhere
         lease = await lease_for(store, "quiet")
         wakes = relay.wakes
         start = await store.start_turn(lease.fence(), "t1")
@@ -379,6 +384,10 @@ async def test_events_published_in_this_process_wake_it_instead_of_notifying(
         assert ("work", "quiet") in quiet
         assert ("events", "quiet") not in quiet
         assert ("events", "loud") in [(n.kind, n.session_id) for n in seen[ready:]]
+        # Work of a session published elsewhere is marked for its publisher; only that.
+        work = [n for n in seen[ready:] if n.kind == "work" and n.session_id in ("quiet", "loud")]
+        assert {(n.session_id, n.for_publisher) for n in work} >= {("quiet", False), ("loud", True)}
+        assert all(n.for_publisher == (n.session_id == "loud") for n in work)
         stored = (await store.events_after("quiet", 0)).events
         assert len(stored) == 4
         assert relay.handed in ([], stored)

@@ -98,3 +98,39 @@ async def test_input_queued_behind_open_input_wakes_no_second_drain(store: Store
     await store.cancel_inputs("queue", [InputIdTarget(value=p.input_id) for p in pending])
     await admission.handle(submit("queue", "e"), None)
     assert kicked == ["queue", "new", "queue"]
+
+
+class _Publisher:
+    """This process's outbox relay, as the store sees it: it publishes ``mine`` only."""
+
+    def __init__(self, *mine: str) -> None:
+        self.mine = set(mine)
+
+    def publishes(self, session_id: str) -> bool:
+        return session_id in self.mine
+
+    def wake(self) -> None:
+        pass
+
+    def committed(self, events: object) -> None:
+        pass
+
+
+async def test_input_of_a_session_published_elsewhere_wakes_no_drain_here(store: Store) -> None:
+    """A session's turns run where its events are published: the admitter of another
+    worker's session leaves it to that worker (its notification says so), one by one and
+    in a batch; its own sessions it wakes as before, and a dead holder's it still takes
+    over (only it knows that holder is dead)."""
+    kicked: list[str] = []
+    admission = Admission(store, on_work=kicked.append, owner=local_process_owner("me", "i"))
+    store.set_local_publisher(_Publisher("mine", "orphaned"))
+    try:
+        await admission.handle(submit("theirs", "a"), None)
+        await admission.submit_many([(submit("theirs-2", "b"), None), (submit("mine", "c"), None)])
+        assert kicked == ["mine"]
+
+        assert (await store.try_claim_lease("dead", dead_owner("me"), 60_000)).lease is not None
+        await admission.handle(submit("dead", "d"), None)
+        assert kicked == ["mine", "dead"]
+    finally:
+        store.set_local_publisher(None)

@@ -177,3 +177,31 @@ async def test_kicks_while_a_drain_waits_for_its_slot_cost_no_extra_round() -> N
     assert dispatcher.turns == 2
     assert not await InMemoryStore.sessions_with_orphaned_work(store, 10)
     await dispatcher.shutdown(1.0)
+
+
+async def test_work_left_for_this_publisher_is_drained_at_once_without_a_check() -> None:
+    """A ``for_publisher`` notification of a session whose events this worker publishes is
+    drained at once, with no check query and no delay (here a minute long); the same
+    notification of a session published elsewhere, and plain ``work``, wait for the check."""
+    store = CountingStore()
+    dispatcher = Dispatcher(
+        SessionDriver(store, agent(), owner("w1")),
+        store,
+        concurrency=8,
+        sweep_interval_s=120.0,
+        notify_delay_s=60.0,
+        runs_here=lambda sid: sid.startswith("mine"),
+    )
+    for sid in ("mine", "theirs", "mine-plain"):
+        await admit(store, sid)
+    dispatcher.on_notification(Notification(kind="work", session_id="mine", for_publisher=True))
+    dispatcher.on_notification(Notification(kind="work", session_id="theirs", for_publisher=True))
+    dispatcher.on_notification(work("mine-plain"))
+    try:
+        await wait_until(lambda: _true(dispatcher.turns == 1))
+        assert dispatcher.handoffs == 1
+        assert store.checks == [] and store.full_sweeps == 0
+        assert dispatcher.draining_sessions <= {"mine"}
+        assert set(await store.sessions_with_orphaned_work(10)) == {"theirs", "mine-plain"}
+    finally:
+        await dispatcher.shutdown(1.0)

@@ -24,11 +24,15 @@ CHANNEL = "lash_events"
 log = logging.getLogger(__name__)
 
 
-def payload(kind: str, session_id: str, turn_id: str | None = None) -> str:
+def payload(
+    kind: str, session_id: str, turn_id: str | None = None, *, for_publisher: bool = False
+) -> str:
     """The JSON body of one notification (well under PostgreSQL's 8000-byte limit)."""
     body: dict[str, Any] = {"kind": kind, "session_id": session_id}
     if turn_id is not None:
         body["turn_id"] = turn_id
+    if for_publisher:
+        body["for_publisher"] = True
     return jsontext.dumps(body)
 
 

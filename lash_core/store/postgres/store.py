@@ -174,11 +174,13 @@ def _event_params(
     notes: Sequence[Note],
     *,
     announce: bool = True,
+    for_publisher: bool = False,
 ) -> tuple[dict[str, Any], str, list[str]]:
     """Bind parameters, the ``VALUES`` rows of the events and the ``pg_notify`` calls.
 
     Appended events add an ``events`` wake-up unless told not to ``announce`` them (see
-    ``PostgresStore._local_events``).
+    ``PostgresStore._local_events``); ``work`` wake-ups are marked ``for_publisher`` if
+    told (see ``InputAdmission.runs_elsewhere``).
     """
     params: dict[str, Any] = {
         "es": session_id,
@@ -195,7 +197,9 @@ def _event_params(
     calls: list[str] = []
     all_notes = list(notes) + ([("events", None)] if payloads and announce else [])
     for i, (kind, turn_id) in enumerate(all_notes):
-        params[f"nt{i}"] = notify.payload(kind, session_id, turn_id)
+        params[f"nt{i}"] = notify.payload(
+            kind, session_id, turn_id, for_publisher=for_publisher and kind == "work"
+        )
         calls.append(f"pg_notify(:ch, :nt{i})")
     return params, ", ".join(rows), calls
 
@@ -842,8 +846,14 @@ class PostgresStore(Store):
             record = _admitted_record(draft, input_id, int(row.seq), lease, now)
             payload = InputAdmitted(input=record.public())
             local = self._local_events(conn, sid)
+            elsewhere = self._runs_elsewhere(sid)
             params, values, calls = _event_params(
-                sid, now, [payload], [("work", None)], announce=local is None
+                sid,
+                now,
+                [payload],
+                [("work", None)],
+                announce=local is None,
+                for_publisher=elsewhere,
             )
             params.update(
                 {
@@ -893,6 +903,7 @@ class PostgresStore(Store):
                 event=event,
                 held_by=lease.owner if lease is not None and lease.is_live(now) else None,
                 behind_open_input=bool(admitted.behind),
+                runs_elsewhere=elsewhere,
             )
 
     async def enqueue_inputs(
@@ -917,6 +928,7 @@ class PostgresStore(Store):
                 for sid in sessions
                 if (events := self._local_events(conn, sid)) is not None
             }
+            elsewhere = {sid for sid in sessions if self._runs_elsewhere(sid)}
             gate = conn.opened("gate")
             now = 0
             leases: dict[str, LeaseRow | None] = {}
@@ -956,7 +968,10 @@ class PostgresStore(Store):
                     "shards": [session_shard(r.session_id) for r in records],
                     "new_sids": [sid for sid in sessions if leases[sid] is None],
                     "note_sids": sessions,
-                    "note_work": [notify.payload("work", sid) for sid in sessions],
+                    "note_work": [
+                        notify.payload("work", sid, for_publisher=sid in elsewhere)
+                        for sid in sessions
+                    ],
                     "note_events": [
                         None if sid in local else notify.payload("events", sid) for sid in sessions
                     ],
@@ -990,6 +1005,7 @@ class PostgresStore(Store):
                     event=event,
                     held_by=lease.owner if lease is not None and lease.is_live(now) else None,
                     behind_open_input=bool(row.behind),
+                    runs_elsewhere=record.session_id in elsewhere,
                 )
         return [o for o in outcomes if o is not None]
 
