@@ -68,7 +68,8 @@ log = get_logger(__name__)
 JSON = "application/json"
 
 RELEASED_PREFIX = "~outbox-released:"
-"""``session_id`` of the ``events`` notification a relay sends when it gives its shards up."""
+"""``session_id`` of the ``events`` notification a relay sends when it gives shards up, or
+joins short of its share: every relay of the namespace then balances its shards at once."""
 
 JITTER = 0.25
 """Retake timers vary by this fraction either way, so relays started together spread out."""

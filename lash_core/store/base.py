@@ -181,7 +181,8 @@ class Notification(Frozen):
     for_publisher: bool = False
     """``work`` its admitter left, without waking a drain, for the worker that publishes
     the session's events to drain at once (see :attr:`InputAdmission.runs_elsewhere`);
-    every other worker treats it as plain ``work``."""
+    not set when a live lease holder will see the input anyway. Every other worker
+    treats it as plain ``work``."""
 
 
 class LocalPublisher(Protocol):

@@ -328,7 +328,8 @@ class InMemoryStore(Store):
             self._swap(s)
             self._input_sessions[record.input_id] = s.session_id
             elsewhere = self._runs_elsewhere(s.session_id)
-            self._notify("work", s.session_id, for_publisher=elsewhere)
+            # A live holder sees the input anyway: the publisher need not drain it.
+            self._notify("work", s.session_id, for_publisher=elsewhere and lease is None)
             self._notify("events", s.session_id)
             return InputAdmission(
                 status=AdmissionStatus.ADMITTED,

@@ -359,6 +359,8 @@ async def test_events_published_in_this_process_wake_it_instead_of_notifying(
         assert not one.runs_elsewhere and not two.runs_elsewhere and three.runs_elsewhere
         four = await store.enqueue_input(draft("loud", "four"))
         assert four.runs_elsewhere
+        await lease_for(store, "loud-held")  # a live holder sees its input: no hand-off
+        assert (await store.enqueue_input(draft("loud-held", "five"))).runs_elsewhere
         lease = await lease_for(store, "quiet")
         wakes = relay.wakes
         start = await store.start_turn(lease.fence(), "t1")
@@ -385,8 +387,13 @@ async def test_events_published_in_this_process_wake_it_instead_of_notifying(
         assert ("events", "quiet") not in quiet
         assert ("events", "loud") in [(n.kind, n.session_id) for n in seen[ready:]]
         # Work of a session published elsewhere is marked for its publisher; only that.
-        work = [n for n in seen[ready:] if n.kind == "work" and n.session_id in ("quiet", "loud")]
-        assert {(n.session_id, n.for_publisher) for n in work} >= {("quiet", False), ("loud", True)}
+        mine = ("quiet", "loud", "loud-held")
+        work = [n for n in seen[ready:] if n.kind == "work" and n.session_id in mine]
+        assert {(n.session_id, n.for_publisher) for n in work} >= {
+            ("quiet", False),
+            ("loud", True),
+            ("loud-held", False),
+        }
         assert all(n.for_publisher == (n.session_id == "loud") for n in work)
         stored = (await store.events_after("quiet", 0)).events
         assert len(stored) == 4

@@ -853,7 +853,8 @@ class PostgresStore(Store):
                 [payload],
                 [("work", None)],
                 announce=local is None,
-                for_publisher=elsewhere,
+                # A live holder sees the input anyway: the publisher need not drain it.
+                for_publisher=elsewhere and not (lease is not None and lease.is_live(now)),
             )
             params.update(
                 {
@@ -935,6 +936,10 @@ class PostgresStore(Store):
             for row in gate:
                 now = int(row.now_ms)
                 leases[row.sid] = lease_from_json(row.lease)
+            # A live holder sees the input anyway: the publisher need not drain it.
+            for_publisher = {
+                sid for sid in elsewhere if (gated := leases[sid]) is None or not gated.is_live(now)
+            }
             seqs = (await conn.execute(_BATCH_SEQS, {"n": len(drafts)})).all()
             records: list[PendingTurnInput] = []
             for position, index in enumerate(order):
@@ -969,7 +974,7 @@ class PostgresStore(Store):
                     "new_sids": [sid for sid in sessions if leases[sid] is None],
                     "note_sids": sessions,
                     "note_work": [
-                        notify.payload("work", sid, for_publisher=sid in elsewhere)
+                        notify.payload("work", sid, for_publisher=sid in for_publisher)
                         for sid in sessions
                     ],
                     "note_events": [
