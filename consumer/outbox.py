@@ -33,7 +33,10 @@ committed, not announced by notification (``Store.set_local_publisher``), and pu
 from memory without a scan when each follows the last event the relay published for its
 session (:meth:`OutboxRelay.committed`): with one worker no ``events`` notification is
 sent and no scan is needed, and every notification that is sent wakes only the relay that
-publishes it (each listening worker still receives and discards it).
+publishes it (each listening worker still receives and discards it). That notification
+carries the events it announces when they fit (``Notification.events``), and the relay
+takes them as it takes its own worker's: so events need a scan only after a gap (a
+notification lost, or too large to carry them), a takeover or the fallback poll.
 """
 
 from __future__ import annotations
@@ -363,7 +366,7 @@ class OutboxRelay:
         self._scan = True
         self._unmarked: list[OutboxMessage] = []
         self._unmarked_at = 0.0  # loop time of the oldest unmarked confirm
-        self._handed: list[DurableEvent] = []
+        self._handed: list[OutboxMessage] = []
         self._last_seq: OrderedDict[str, int] = OrderedDict()
         self.published = 0
         self.handed_published = 0
@@ -396,19 +399,24 @@ class OutboxRelay:
         follows the last event this relay published for its session (or is its first).
 
         Otherwise, or when a scan is due anyway, a scan publishes them: they are committed,
-        so it finds them, in order, with whatever else came before them. Only events
-        committed here arrive this way; another worker's reach this relay as ``events``
-        notifications, which make it scan. A backlog (more than a batch waiting) is also
-        left to the scan rather than held in memory."""
-        if not events or len(self._handed) + len(events) > self._batch:
+        so it finds them, in order, with whatever else came before them. Events another
+        worker commits arrive the same way, in their ``events`` notification (when they
+        fit in one; one without them makes the relay scan). A backlog (more than a batch
+        waiting) is also left to the scan rather than held in memory."""
+        self._hand_over([OutboxMessage.of(event) for event in events])
+
+    def _hand_over(self, messages: Sequence[OutboxMessage]) -> None:
+        """Take committed events to publish from memory (see :meth:`committed`)."""
+        if not messages or len(self._handed) + len(messages) > self._batch:
             self._handed.clear()
             self.wake()
             return
-        self._handed.extend(events)
+        self._handed.extend(messages)
         self._wake.set()
 
     def on_notification(self, note: Notification) -> None:
-        """An ``events`` notification: scan, or retake now if a relay gave shards up."""
+        """An ``events`` notification: publish the events it carries, or scan; or balance
+        the shards now if a relay announced a change."""
         if note.session_id == self._marker:
             # A relay left, joined short of its share or released some: share out again.
             self._retake_now = True
@@ -418,7 +426,9 @@ class OutboxRelay:
             return  # another namespace's relay
         if self.publishes(note.session_id):
             # Another relay's session is not scanned here: taking its shard over scans.
-            self.wake()
+            # Events another worker committed come along when they fit: published from
+            # memory as this worker's own are (notifications arrive in commit order).
+            self._hand_over(note.outbox_messages())
 
     async def run(self) -> None:
         """Publish until :meth:`stop`; errors are logged and retried after a pause."""
@@ -569,7 +579,7 @@ class OutboxRelay:
                 self._scan = True
                 continue
             last[sid] = event.seq
-            ready.append(OutboxMessage.of(event))
+            ready.append(event)
         return ready
 
     def _remember(self, session_id: str, seq: int) -> None:

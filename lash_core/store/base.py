@@ -28,7 +28,7 @@ from lash_core.claims import CommandClaim, TurnInputClaim
 from lash_core.commands import CommandDraft, QueuedCommand
 from lash_core.commit import CommitResult, RuntimeCommit, SessionConfig
 from lash_core.errors import InvalidRequest, SourceKeyConflict
-from lash_core.events import DurableEvent, EventKey, OutboxMessage
+from lash_core.events import DurableEvent, EventKey, OutboxMessage, wire_body
 from lash_core.inputs import (
     CancelResult,
     CancelTarget,
@@ -168,11 +168,24 @@ class VacuumReport(Frozen):
     removed_events: int = 0
 
 
+class NotifiedEvent(Frozen):
+    """A durable event as its ``events`` notification carries it: ``payload`` is the
+    payload's JSON object text, spliced into the wire body unparsed."""
+
+    seq: int
+    revision: int
+    created_at_ms: int = 0
+    type: str
+    payload: str
+
+
 class Notification(Frozen):
     """A wake-up between workers (PostgreSQL ``LISTEN/NOTIFY``; in-process for memory).
 
     ``work``: a session may have claimable work (admission, release, deferral).
-    ``cancel``: a turn cancel was requested. ``events``: durable events were appended.
+    ``cancel``: a turn cancel was requested. ``events``: durable events were appended;
+    ``events`` carries them when the store sends them along (and they fit), so that the
+    worker publishing the session's events can publish them without reading them back.
     """
 
     kind: Literal["work", "cancel", "events"]
@@ -183,6 +196,18 @@ class Notification(Frozen):
     the session's events to drain at once (see :attr:`InputAdmission.runs_elsewhere`);
     not set when a live lease holder will see the input anyway. Every other worker
     treats it as plain ``work``."""
+    events: tuple[NotifiedEvent, ...] = ()
+    """An ``events`` notification's events, in ``seq`` order, when it carries them."""
+
+    def outbox_messages(self) -> list[OutboxMessage]:
+        """The carried :attr:`events` as the outbox relay publishes them."""
+        sid = self.session_id
+        return [
+            OutboxMessage(
+                sid, e.seq, e.type, e.created_at_ms, wire_body(sid, e.seq, e.revision, e.payload)
+            )
+            for e in self.events
+        ]
 
 
 class LocalPublisher(Protocol):

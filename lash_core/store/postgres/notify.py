@@ -21,6 +21,9 @@ from lash_core import jsontext
 from lash_core.store.base import Notification
 
 CHANNEL = "lash_events"
+MAX_PAYLOAD_BYTES = 7900
+"""The largest notification a writer sends: PostgreSQL refuses payloads of 8000 bytes or
+more (failing the transaction), so larger ones are sent without what they would carry."""
 log = logging.getLogger(__name__)
 
 

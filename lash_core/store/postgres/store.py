@@ -195,13 +195,36 @@ def _event_params(
         params[f"et{i}"] = payload.type
         params[f"ep{i}"] = dumps(payload.model_dump(mode="json"))
     calls: list[str] = []
-    all_notes = list(notes) + ([("events", None)] if payloads and announce else [])
-    for i, (kind, turn_id) in enumerate(all_notes):
+    for i, (kind, turn_id) in enumerate(notes):
         params[f"nt{i}"] = notify.payload(
             kind, session_id, turn_id, for_publisher=for_publisher and kind == "work"
         )
         calls.append(f"pg_notify(:ch, :nt{i})")
+    if payloads and announce:
+        params["ntev"] = notify.payload("events", session_id)
+        calls.append(_carrying_events_call(len(payloads)))
     return params, ", ".join(rows), calls
+
+
+def _carrying_events_call(count: int) -> str:
+    """The ``pg_notify`` of an ``events`` wake-up that carries the ``count`` events its
+    statement appends (``Notification.events``), numbered from the ``ses`` row the
+    statement selects from, as ``_numbered`` does; the plain wake-up (``:ntev``) if that
+    would not fit in a notification. The publisher then sends them without a scan."""
+    items = ", ".join(
+        f"json_build_object('seq', ses.last_seq - :en + {i + 1}, 'revision', ses.head_revision,"
+        f" 'created_at_ms', :enow, 'type', CAST(:et{i} AS text),"
+        f" 'payload', CAST(:ep{i} AS text))"
+        for i in range(count)
+    )
+    note = (
+        "json_build_object('kind', 'events', 'session_id', CAST(:es AS text),"
+        f" 'events', json_build_array({items}))::text"
+    )
+    return (
+        f"pg_notify(:ch, CASE WHEN octet_length({note}) <= {notify.MAX_PAYLOAD_BYTES}"
+        f" THEN {note} ELSE :ntev END)"
+    )
 
 
 def _numbered(
@@ -475,7 +498,8 @@ _BEHIND_OPEN_INPUT = f"""EXISTS (SELECT 1 FROM lash_pending_inputs
 _BATCH_SEQS = text("SELECT nextval('lash_enqueue_seq') FROM generate_series(1, :n) ORDER BY 1")
 #: A batch's rows; for the sessions that got rows: the seqs on the session row (in session
 #: order), one ``input.admitted`` event per row numbered in ``enqueue_seq`` order, the
-#: ``work`` and ``events`` wake-ups, and a free lease row for each of ``:new_sids`` (the
+#: ``work`` and ``events`` wake-ups (those of ``:announce`` carrying their events, as
+#: ``_carrying_events_call``), and a free lease row for each of ``:new_sids`` (the
 #: sessions whose gate found none; see ``_FREE_LEASE_ROW``). Returns each landed row's
 #: event seq and revision, and whether its session had open input before the batch (as
 #: ``_BEHIND_OPEN_INPUT``).
@@ -524,12 +548,24 @@ _BATCH_INSERT = text(f"""
             CAST(:shards AS bigint[])) AS p(input_id, payload, shard)
             ON p.input_id = n.input_id
         RETURNING 1),
+    told AS (
+        SELECT n.session_id, json_build_object('kind', 'events', 'session_id', n.session_id,
+            'events', json_agg(json_build_object('seq', n.seq, 'revision', n.head_revision,
+                'created_at_ms', :now, 'type', 'input.admitted', 'payload', p.payload)
+                ORDER BY n.seq))::text AS note
+        FROM numbered n JOIN unnest(CAST(:ids AS text[]), CAST(:payloads AS text[]))
+            AS p(input_id, payload) ON p.input_id = n.input_id
+        WHERE n.session_id = ANY(CAST(:announce AS text[]))
+        GROUP BY n.session_id),
     woken AS (
-        SELECT count(pg_notify(:ch, w.work))
-            + count(CASE WHEN w.events IS NOT NULL THEN pg_notify(:ch, w.events) END) AS n
-        FROM unnest(CAST(:note_sids AS text[]), CAST(:note_work AS text[]),
-            CAST(:note_events AS text[])) AS w(session_id, work, events)
-        WHERE w.session_id IN (SELECT session_id FROM cnt))
+        SELECT (SELECT count(pg_notify(:ch, w.work))
+            FROM unnest(CAST(:note_sids AS text[]), CAST(:note_work AS text[]))
+                AS w(session_id, work)
+            WHERE w.session_id IN (SELECT session_id FROM cnt))
+        + (SELECT count(pg_notify(:ch, CASE
+                WHEN octet_length(t.note) <= {notify.MAX_PAYLOAD_BYTES} THEN t.note
+                ELSE json_build_object('kind', 'events', 'session_id', t.session_id)::text
+            END)) FROM told t) AS n)
     SELECT n.input_id, n.session_id, n.seq, n.head_revision AS revision,
         n.session_id IN (SELECT session_id FROM prior) AS behind,
         (SELECT count(*) FROM ev) AS events, (SELECT n FROM woken) AS woken
@@ -977,9 +1013,7 @@ class PostgresStore(Store):
                         notify.payload("work", sid, for_publisher=sid in for_publisher)
                         for sid in sessions
                     ],
-                    "note_events": [
-                        None if sid in local else notify.payload("events", sid) for sid in sessions
-                    ],
+                    "announce": [sid for sid in sessions if sid not in local],
                 },
             )
             landed = {row.input_id: row for row in inserted if row.input_id is not None}
