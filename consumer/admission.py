@@ -46,7 +46,6 @@ class Admission:
 
     ``on_work(session_id)`` is called after a commit that may have created work for the
     session (so this worker drains it without waiting for a notification round trip);
-    ``on_events()`` after a commit that appended durable events (to wake the outbox);
     ``cancel_local(session_id, turn_id, reason)`` signals a turn running in this process.
     With ``owner`` (this worker's lease identity), input admitted while a live lease holder
     exists does not call ``on_work``: the holder drains it (see
@@ -60,14 +59,12 @@ class Admission:
         store: Store,
         *,
         on_work: WorkHook | None = None,
-        on_events: Callable[[], None] | None = None,
         cancel_local: CancelHook | None = None,
         owner: LeaseOwner | None = None,
     ) -> None:
         self._store = store
         self._owner = owner
         self._on_work = on_work
-        self._on_events = on_events
         self._cancel_local = cancel_local
 
     async def handle(self, message: wire.ProducerMessage, message_id: str | None) -> wire.Reply:
@@ -112,13 +109,11 @@ class Admission:
             return await self._submit(message, message_id)
         if isinstance(message, wire.TurnInputCancelMessage):
             results = await self._store.cancel_inputs(message.session_id, message.targets)
-            self._events()
             return self._receipt(message, wire.ReceiptStatus.OK, results=results)
         if isinstance(message, wire.TurnInputCancelSuffixMessage):
             suffix = await self._store.cancel_input_suffix(message.session_id, message.anchor)
             if not suffix.anchor_found:
                 return self._receipt(message, wire.ReceiptStatus.ANCHOR_NOT_FOUND, results=[])
-            self._events()
             return self._receipt(message, wire.ReceiptStatus.OK, results=suffix.results)
         if isinstance(message, wire.TurnCancelMessage):
             return await self._turn_cancel(message)
@@ -137,10 +132,6 @@ class Admission:
                 **fields,
             }
         )
-
-    def _events(self) -> None:
-        if self._on_events is not None:
-            self._on_events()
 
     def _needs_wake(self, admission: InputAdmission) -> bool:
         """Whether admitted input needs a drain woken: not when a live lease holder (this
@@ -182,7 +173,6 @@ class Admission:
         if len(outcomes) != len(drafts):
             raise RuntimeError(f"store answered {len(outcomes)} outcomes for {len(drafts)} drafts")
         results: list[SubmitOutcome] = []
-        appended = False
         for (message, _), outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, SourceKeyConflict):
                 results.append(await self._conflict(message, outcome))
@@ -196,11 +186,7 @@ class Admission:
                     )
                 )
             else:
-                appended |= outcome.status is AdmissionStatus.ADMITTED
                 results.append(self._admitted(message, outcome))
-        # One wake-up covers every event the call appended.
-        if appended:
-            self._events()
         return results
 
     async def _conflict(self, message: wire.SubmitMessage, exc: SourceKeyConflict) -> wire.Receipt:

@@ -82,7 +82,6 @@ class Dispatcher:
         sweep_interval_s: float,
         sweep_limit: int = 500,
         notify_delay_s: float = 0.25,
-        on_report: Callable[[DrainReport], None] | None = None,
         runs_here: Callable[[str], bool] | None = None,
     ) -> None:
         self._driver = driver
@@ -92,7 +91,6 @@ class Dispatcher:
         self._concurrency = concurrency
         self._sweep_interval_s = sweep_interval_s
         self._sweep_limit = sweep_limit
-        self._on_report = on_report
         self._notify_delay_s = min(notify_delay_s, sweep_interval_s)
         self._tasks: dict[str, asyncio.Task[None]] = {}
         self._again: set[str] = set()
@@ -213,8 +211,6 @@ class Dispatcher:
             ACTIVE_SESSIONS.set(self._active)
         self.drains += 1
         self._record(report)
-        if self._on_report is not None:
-            self._on_report(report)
 
     def _record(self, report: DrainReport) -> None:
         if not report.acquired:

@@ -28,7 +28,7 @@ from consumer.observability.tracing import span
 from consumer.outbox import ActivityPublisher, OutboxRelay
 from consumer.settings import Settings
 from consumer.topology import declare
-from lash_core.engine import AgentConfig, DrainReport, SessionDriver
+from lash_core.engine import AgentConfig, SessionDriver
 from lash_core.leases import local_process_owner
 from lash_core.providers.base import Provider
 from lash_core.providers.factory import build_provider
@@ -128,20 +128,20 @@ class Worker:
             poll_interval_s=s.sweep_interval_ms * RELAY_TIMER_FACTOR / 1000,
             retake_interval_s=s.sweep_interval_ms * RELAY_TIMER_FACTOR / 1000,
         )
-        # This worker's commits wake its own relay directly, without a notification.
+        # The store hands the events it commits to this relay when it publishes their
+        # session, and otherwise announces them (carried) to the relay that does: no other
+        # wake-up of the relay is needed.
         store.set_local_publisher(self.relay)
         self.dispatcher = Dispatcher(
             self.driver,
             store,
             concurrency=s.concurrency,
             sweep_interval_s=s.sweep_interval_ms / 1000,
-            on_report=self._on_report,
             runs_here=self.relay.publishes,
         )
         admission = Admission(
             store,
             on_work=self.dispatcher.kick,
-            on_events=self.relay.wake,
             cancel_local=self.dispatcher.cancel_local,
             owner=owner,
         )
@@ -183,11 +183,6 @@ class Worker:
                     self._fatal.set_result(exc)
 
         self._tasks.append(asyncio.create_task(guarded(), name=name))
-
-    def _on_report(self, report: DrainReport) -> None:
-        if report.turns or report.commands_applied:
-            assert self.relay is not None
-            self.relay.wake()
 
     async def _notification_pump(self) -> None:
         assert self.store is not None and self.dispatcher is not None and self.relay is not None
