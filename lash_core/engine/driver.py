@@ -20,9 +20,9 @@ drain that finds nothing is one transaction with no release; after a separate re
 (the last turn ``max_turns`` allows, a cancelled task) the drain simply tries to acquire
 again.
 
-Committed state is cached per session (bounded, least recently used): it is advanced by
-each commit made here and trusted for a new turn only while the turn starts from exactly
-that state (the head revision and leaf the store reports at turn start); otherwise, and
+Committed state is cached per session (``state_cache``: bounded by sessions and by
+memory, least recently used first out): it is advanced by each commit made here and
+trusted for a new turn only while the turn starts from exactly that state (the head revision and leaf the store reports at turn start); otherwise, and
 after a replayed or failed commit, it is loaded again. A session at revision 0 has no
 state to load.
 """
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,6 +44,7 @@ from lash_core.commit import CommitResult, FinalTurn, RuntimeCommit, SessionConf
 from lash_core.engine.agent import AgentConfig
 from lash_core.engine.lease_guard import LeaseGuard
 from lash_core.engine.reports import DrainReport, TurnReport
+from lash_core.engine.state_cache import StateCache, nodes_size
 from lash_core.engine.turn import TurnContext, TurnControl, TurnOutput, TurnRunner
 from lash_core.errors import (
     HeadRevisionConflict,
@@ -80,7 +80,6 @@ ActivitySink = Callable[[TurnActivity], Awaitable[None]]
 COMMIT_BACKOFF_S = 0.05
 COMMIT_BACKOFF_MAX_S = 1.0
 MAX_IDLE_ROUNDS = 3
-STATE_CACHE_SESSIONS = 256
 
 
 class _TenureLost(Exception):
@@ -96,6 +95,11 @@ class _Cache:
     leaf_node_id: str | None
     checkpoint: dict[str, Any] | None
     replace_required: bool = False
+    size: int = -1  # estimated memory of ``nodes`` (``nodes_size``), kept up to date
+
+    def __post_init__(self) -> None:
+        if self.size < 0:
+            self.size = nodes_size(self.nodes)
 
     def delta(self, new_nodes: list[MessageNode]) -> GraphDelta:
         if self.replace_required:
@@ -108,6 +112,7 @@ class _Cache:
     def advance(self, head_revision: int, new_nodes: list[MessageNode]) -> None:
         self.head_revision = head_revision
         self.nodes = [*self.nodes, *new_nodes]
+        self.size += nodes_size(new_nodes)
         if new_nodes:
             self.leaf_node_id = new_nodes[-1].node_id
         self.replace_required = False
@@ -158,7 +163,7 @@ class SessionDriver:
         on_activity: ActivitySink | None = None,
         ids: IdFactory | None = None,
         clock: Clock | None = None,
-        state_cache_sessions: int = STATE_CACHE_SESSIONS,
+        state_cache: StateCache[_Cache] | None = None,
     ) -> None:
         self.store = store
         self.agent = agent
@@ -171,8 +176,7 @@ class SessionDriver:
         self._locks: dict[str, asyncio.Lock] = {}
         self._again: set[str] = set()
         self._replacements: dict[str, list[MessageNode]] = {}
-        self._states: OrderedDict[str, _Cache] = OrderedDict()
-        self._state_cache_sessions = state_cache_sessions
+        self._states: StateCache[_Cache] = state_cache if state_cache is not None else StateCache()
 
     # ------------------------------------------------------------------ host levers
 
@@ -202,7 +206,7 @@ class SessionDriver:
     def forget(self, session_id: str) -> None:
         """Drop any pending replacement and cached state of ``session_id`` (park/close/delete)."""
         self._replacements.pop(session_id, None)
-        self._states.pop(session_id, None)
+        self._states.pop(session_id)
 
     def is_draining(self, session_id: str) -> bool:
         lock = self._locks.get(session_id)
@@ -351,18 +355,18 @@ class SessionDriver:
                 start, command_pending = None, result.command_pending
         except (LeaseLost, Superseded) as exc:
             guard.mark_lost(str(exc))
-            self._states.pop(session_id, None)
+            self._states.pop(session_id)
             raise _TenureLost from exc
         except BaseException:
             # Whatever failed, the cached state may be ahead of or behind the store.
-            self._states.pop(session_id, None)
+            self._states.pop(session_id)
             raise
         finally:
             await guard.stop()
             if not released and not guard.is_lost:
                 await self._release(guard.fence)
         if guard.is_lost:
-            self._states.pop(session_id, None)
+            self._states.pop(session_id)
             raise _TenureLost
         return end
 
@@ -389,8 +393,9 @@ class SessionDriver:
             and cached.head_revision == start.event.revision
             and cached.leaf_node_id == start.leaf_node_id
         ):
-            self._states.move_to_end(session_id)
-            return self._with_replacement(session_id, cached)
+            if session_id in self._replacements:
+                return self._remember(session_id, self._with_replacement(session_id, cached))
+            return cached
         if start.event.revision == 0:
             return self._remember(
                 session_id, self._with_replacement(session_id, _Cache(0, [], None, None))
@@ -398,10 +403,7 @@ class SessionDriver:
         return await self._load(session_id)
 
     def _remember(self, session_id: str, cache: _Cache) -> _Cache:
-        self._states[session_id] = cache
-        self._states.move_to_end(session_id)
-        while len(self._states) > self._state_cache_sessions:
-            self._states.popitem(last=False)
+        self._states.put(session_id, cache, cache.size)
         return cache
 
     def _with_replacement(self, session_id: str, cache: _Cache) -> _Cache:
@@ -409,6 +411,7 @@ class SessionDriver:
         replacement = self._replacements.get(session_id)
         if replacement is not None:
             cache.nodes = list(replacement)
+            cache.size = nodes_size(cache.nodes)
             cache.leaf_node_id = replacement[-1].node_id if replacement else None
             cache.replace_required = True
         return cache
@@ -539,9 +542,10 @@ class SessionDriver:
                 raise
             break
         if result.replayed:
-            self._states.pop(session_id, None)
+            self._states.pop(session_id)
         else:
             cache.advance(result.head_revision, _new_nodes(commit, cache))
+            self._remember(session_id, cache)  # counted again at its new size
         self._replacements.pop(session_id, None)
         assert commit.turn is not None
         report = TurnReport(

@@ -9,7 +9,9 @@ from typing import Any
 
 from lash_core.commands import CommandDraft, ResetSession
 from lash_core.engine.driver import SessionDriver
+from lash_core.engine.state_cache import StateCache, nodes_size
 from lash_core.store.base import Store
+from lash_core.transcript import MessageNode
 from tests.engine.support import agent, new_session_id, owner
 from tests.engine.test_turns import admit, transcript
 
@@ -121,3 +123,36 @@ async def test_cached_state_is_reused_only_while_current(store: Store) -> None:
         "four",
         "echo: four",
     ]
+
+
+async def test_the_state_cache_keeps_recent_sessions_within_its_bounds(store: Store) -> None:
+    """Sessions beyond the cache's bound are loaded again on their next turn; the ones it
+    kept are not, and a turn that grows a session counts its new size (here the byte
+    bound, a little over one short exchange, keeps only the session just run)."""
+    sessions = [new_session_id() for _ in range(3)]
+    small = SessionDriver(store, agent(), owner("s"), state_cache=StateCache(max_sessions=2))
+    calls = counted(store)
+    for sid in sessions:
+        await admit(store, sid, "one")
+        await small.drain(sid)
+    for sid in sessions[1:]:  # the last two are cached
+        await admit(store, sid, "two")
+        await small.drain(sid)
+    assert calls["load_state"] == 0
+    await admit(store, sessions[0], "two")
+    await small.drain(sessions[0])  # evicted: loaded
+    assert calls["load_state"] == 1
+
+    exchange = nodes_size([MessageNode(node_id="n", role="user", text="one")]) * 2
+    tight = SessionDriver(
+        store, agent(), owner("t"), state_cache=StateCache(max_bytes=exchange + 100)
+    )
+    for sid in sessions[:2]:
+        await admit(store, sid, "three")
+        await tight.drain(sid)  # never ran here: loaded
+    assert calls["load_state"] == 3
+    await admit(store, sessions[1], "four")
+    await tight.drain(sessions[1])  # the one it kept (grown past the bound, alone)
+    await admit(store, sessions[0], "four")
+    await tight.drain(sessions[0])  # evicted by the other's size
+    assert calls["load_state"] == 4
