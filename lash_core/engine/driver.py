@@ -22,9 +22,9 @@ again.
 
 Committed state is cached per session (``state_cache``: bounded by sessions and by
 memory, least recently used first out): it is advanced by each commit made here and
-trusted for a new turn only while the turn starts from exactly that state (the head revision and leaf the store reports at turn start); otherwise, and
-after a replayed or failed commit, it is loaded again. A session at revision 0 has no
-state to load.
+trusted for a new turn only while the turn starts from exactly that state (the head
+revision and leaf the store reports at turn start); otherwise, and after a replayed or
+failed commit, it is loaded again. A session at revision 0 has no state to load.
 """
 
 from __future__ import annotations
