@@ -112,15 +112,11 @@ async def test_relays_publish_in_order_and_take_over(
             assert b.published > 0
 
             # a goes away: its advisory locks die with its connection; b takes over
-            await a.stop()
-            await run_a
-            await a.close()
+            await _stopped(a, run_a)
             await _until(lambda: len(b.held_shards) == 4)
             await asyncio.gather(*(admit(store, f"{s}-late", 3) for s in sessions))
             await collect_until(observer, events, lambda evs: len(evs) >= 48, timeout_s=30)
-            await b.stop()
-            await run_b
-            await b.close()
+            await _stopped(b, run_b)
 
             assert_message_properties(observer)
             assert_gapless(events)
@@ -138,6 +134,27 @@ async def test_relays_publish_in_order_and_take_over(
             assert all(json.dumps(e) for e in events)
     finally:
         await connection.close()
+
+
+async def _stopped(relay: OutboxRelay, run: asyncio.Task[None]) -> None:
+    """Stop ``relay``, wait for its ``run`` task and close it (releasing its shards)."""
+    await relay.stop()
+    await run
+    await relay.close()
+
+
+async def _cancelled(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _closed(notes: AsyncIterator[Notification]) -> None:
+    """End a notification stream (its LISTEN connection)."""
+    closer = getattr(notes, "aclose", None)
+    if closer is not None:
+        with contextlib.suppress(Exception):
+            await closer()
 
 
 async def _until(condition: Any, timeout_s: float = 15.0) -> None:
@@ -205,26 +222,17 @@ async def test_relays_scan_once_per_wake_and_retake_only_on_timer_or_release(
         assert a.scans == scans_before  # every notification carried its event
         assert a.retakes == 1
 
-        await a.stop()
-        await run_a
-        await a.close()  # announces the release
+        await _stopped(a, run_a)  # announces the release
         await _until(lambda: len(b.held_shards) == 8, timeout_s=10)
         assert b.retakes == 2
         await admit(store, "after-release", 2)
         await _until(lambda: b.published == 2)
         assert await store.unpublished_events(100) == []
 
-        router.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await router
-        await b.stop()
-        await run_b
-        await b.close()
+        await _cancelled(router)
+        await _stopped(b, run_b)
     finally:
-        closer = getattr(notes, "aclose", None)
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                await closer()
+        await _closed(notes)
         await connection.close()
 
 
@@ -269,22 +277,13 @@ async def test_relays_share_the_shards_out_at_once_when_one_joins_or_leaves(
         assert not a.held_shards & b.held_shards
         assert a.retakes >= 2 and b.retakes >= 2  # by announcement: the timers are far off
 
-        await a.stop()
-        await run_a
-        await a.close()
+        await _stopped(a, run_a)
         await _until(lambda: len(b.held_shards) == 8, timeout_s=10)
 
-        router.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await router
-        await b.stop()
-        await run_b
-        await b.close()
+        await _cancelled(router)
+        await _stopped(b, run_b)
     finally:
-        closer = getattr(notes, "aclose", None)
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                await closer()
+        await _closed(notes)
         await connection.close()
 
 
@@ -329,9 +328,7 @@ async def test_a_local_relay_is_woken_by_its_stores_commits_not_by_notifications
         assert relay.published == 2
         assert [e.session_id for e in await store.unpublished_events(100)] == [theirs]
 
-        await relay.stop()
-        await run
-        await relay.close()
+        await _stopped(relay, run)
     finally:
         store.set_local_publisher(None)
         await other.close()
@@ -371,9 +368,7 @@ async def test_a_nacked_publish_stays_unpublished_and_goes_again_in_order(
         await full.delete(if_unused=False, if_empty=False)  # now nothing refuses them
         await _until(lambda: relay.published == 5)
         assert await store.unpublished_events(100) == []
-        await relay.stop()
-        await run
-        await relay.close()
+        await _stopped(relay, run)
     finally:
         await connection.close()
 
@@ -450,9 +445,7 @@ async def test_marks_ride_on_the_next_scan_or_go_alone_after_the_linger(
         await admit(store, "linger-c", 1)
         await _until(lambda: quick.published == 1)  # no scan came: the linger ran out
         assert marks() == (2, 1) and await store.unpublished_events(100) == []
-        await quick.stop()
-        await run
-        await quick.close()
+        await _stopped(quick, run)
     finally:
         store.set_local_publisher(None)
         store.database.remove_listener(statements.append)
@@ -502,9 +495,7 @@ async def test_handed_over_events_go_out_without_a_scan_while_they_follow_on(
             assert [e["seq"] for e in events] == [1, 2, 3, 4, 5, 6]
             assert_gapless(events)
             assert_message_properties(observer)
-            await relay.stop()
-            await run
-            await relay.close()
+            await _stopped(relay, run)
         assert await store.unpublished_events(100) == []
     finally:
         store.set_local_publisher(None)
@@ -571,18 +562,11 @@ async def test_events_another_store_commits_go_out_from_their_notification(
             assert carried(events) == [1, 2, 3, 4, 5, 6]
             assert relay.scans == scans and relay.handed_published == handed + 6
             assert_message_properties(observer)
-            await relay.stop()
-            await run
-            await relay.close()
+            await _stopped(relay, run)
     finally:
         store.set_local_publisher(None)
-        router.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await router
-        closer = getattr(notes, "aclose", None)
-        if closer is not None:
-            with contextlib.suppress(Exception):
-                await closer()
+        await _cancelled(router)
+        await _closed(notes)
         await other.close()
         await connection.close()
 
@@ -610,9 +594,7 @@ async def test_steady_handed_over_events_cannot_put_their_marks_off(
             await admit(store, f"steady-{admitted}", 1)
             admitted += 1
         assert relay.scans == scans and relay.handed_published >= relay.published
-        await relay.stop()
-        await run
-        await relay.close()
+        await _stopped(relay, run)
     finally:
         store.set_local_publisher(None)
         await connection.close()
