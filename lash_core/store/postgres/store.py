@@ -222,8 +222,8 @@ def _carrying_events_call(count: int) -> str:
         f" 'events', json_build_array({items}))::text"
     )
     return (
-        f"pg_notify(:ch, CASE WHEN octet_length({note}) <= {notify.MAX_PAYLOAD_BYTES}"
-        f" THEN {note} ELSE :ntev END)"
+        f"pg_notify(:ch, (SELECT CASE WHEN octet_length(c.note) <= {notify.MAX_PAYLOAD_BYTES}"
+        f" THEN c.note ELSE :ntev END FROM (SELECT {note} AS note) c))"
     )
 
 
