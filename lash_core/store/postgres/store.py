@@ -324,51 +324,62 @@ def _first_command(
     return min(others) if others else None
 
 
-_COMPLETE_AND_DEFER = text(
-    """
-                WITH graph AS (
-                    INSERT INTO lash_nodes (session_id, node_id, ordinal, node)
-                    SELECT :s, n.body->>'node_id', :base + n.ord, n.body
-                    FROM jsonb_array_elements(CAST(:nodes AS jsonb))
-                        WITH ORDINALITY AS n(body, ord)
-                    ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,
-                        ordinal = EXCLUDED.ordinal
-                    RETURNING 1),
-                done AS (
-                    UPDATE lash_pending_inputs SET state = 'completed', terminal_at_ms = :now,
-                        claim_id = NULL, claim_owner_id = NULL,
-                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
-                        claim_token = NULL, claim_session_lease_generation = 0
-                    WHERE session_id = :s AND input_id = ANY(:ids) RETURNING 1),
-                cmds AS (
-                    UPDATE lash_session_commands SET state = 'completed', terminal_at_ms = :now,
-                        claim_id = NULL, claim_owner_id = NULL,
-                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
-                        claim_token = NULL, claim_session_lease_generation = 0
-                    WHERE session_id = :s AND batch_id = ANY(:bids) RETURNING 1),
-                deferred AS (
-                    UPDATE lash_pending_inputs SET state = 'deferred_next_turn',
-                        ingress = '{"scope":"next_turn"}'::jsonb,
-                        claim_id = NULL, claim_owner_id = NULL,
-                        claim_owner_incarnation_id = NULL, claim_owner_liveness = NULL,
-                        claim_token = NULL, claim_session_lease_generation = 0
-                    WHERE session_id = :s AND state = 'pending_active'
-                      AND CAST(:turn AS text) IS NOT NULL AND ingress->>'turn_id' = :turn
-                      AND NOT (input_id = ANY(:ids))
-                    RETURNING input_id, enqueue_seq)
-                SELECT
-                    (SELECT coalesce(array_agg(input_id ORDER BY enqueue_seq), '{}')
-                     FROM deferred) AS deferred,
-                    CAST(:probe AS boolean) AND EXISTS (
-                        SELECT 1 FROM lash_pending_inputs
-                        WHERE session_id = :s AND state IN ({open_states})
-                          AND NOT (input_id = ANY(:ids))) AS open_input,
-                    CAST(:probe AS boolean) AND EXISTS (
-                        SELECT 1 FROM lash_session_commands
-                        WHERE session_id = :s AND state = 'pending'
-                          AND NOT (batch_id = ANY(:bids))) AS command_pending
-                """.replace("{open_states}", _OPEN_STATES_SQL)
-)
+#: A commit's writes besides the session head and events (CTEs of its one write statement,
+#: each only when it has rows to write): the appended nodes, the completed input and
+#: command rows and the steering input the turn leaves to the next turn (``:dids``, read
+#: and locked with the head).
+_GRAPH_CTE = """graph AS (
+    INSERT INTO lash_nodes (session_id, node_id, ordinal, node)
+    SELECT :es, n.body->>'node_id', :base + n.ord, n.body
+    FROM jsonb_array_elements(CAST(:nodes AS jsonb)) WITH ORDINALITY AS n(body, ord)
+    ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,
+        ordinal = EXCLUDED.ordinal
+    RETURNING 1)"""
+_CLEARED_CLAIM_SQL = """claim_id = NULL, claim_owner_id = NULL, claim_owner_incarnation_id = NULL,
+        claim_owner_liveness = NULL, claim_token = NULL, claim_session_lease_generation = 0"""
+_DONE_CTE = f"""done AS (
+    UPDATE lash_pending_inputs SET state = 'completed', terminal_at_ms = :enow,
+        {_CLEARED_CLAIM_SQL}
+    WHERE session_id = :es AND input_id = ANY(:ids) RETURNING 1)"""
+_CMDS_CTE = f"""cmds AS (
+    UPDATE lash_session_commands SET state = 'completed', terminal_at_ms = :enow,
+        {_CLEARED_CLAIM_SQL}
+    WHERE session_id = :es AND batch_id = ANY(:bids) RETURNING 1)"""
+_DEFERRED_CTE = f"""deferred AS (
+    UPDATE lash_pending_inputs SET state = 'deferred_next_turn',
+        ingress = '{{"scope":"next_turn"}}'::jsonb, {_CLEARED_CLAIM_SQL}
+    WHERE session_id = :es AND input_id = ANY(:dids) AND state = 'pending_active'
+    RETURNING 1)"""
+
+
+def _completion(
+    input_ids: list[str],
+    batch_ids: list[str],
+    deferred: list[str],
+    revision: int,
+    nodes: list[MessageNode],
+) -> tuple[list[str], dict[str, Any]]:
+    """The CTEs and parameters of a commit's writes besides head and events: ``nodes``
+    appended at ``revision``, the claimed rows completed, ``deferred`` left to the next
+    turn. Each CTE is there only with rows to write (they bind ``:es`` and ``:enow``, the
+    events' session and time)."""
+    ctes: list[str] = []
+    params: dict[str, Any] = {}
+    if nodes:
+        ctes.append(_GRAPH_CTE)
+        # Revision-major ordinals keep insertion order across commits.
+        params["base"] = revision << 20
+        params["nodes"] = dumps([n.model_dump(mode="json") for n in nodes])
+    if input_ids:
+        ctes.append(_DONE_CTE)
+        params["ids"] = input_ids
+    if batch_ids:
+        ctes.append(_CMDS_CTE)
+        params["bids"] = batch_ids
+    if deferred:
+        ctes.append(_DEFERRED_CTE)
+        params["dids"] = deferred
+    return ctes, params
 
 
 #: Steering input aimed at turn ``:steer_t`` of session ``:s`` and not yet accepted (none
@@ -382,7 +393,14 @@ _STEERING_ROWS_SQL = (
 
 #: A commit's second statement, sent with ``BEGIN`` and the lease lock: the turn's commit
 #: stamp (a landed attempt), the session head (locked), the claimed input and command rows
-#: being completed (locked) and the steering input aimed at the turn (``:steer_t``).
+#: being completed (locked), the steering input aimed at the turn (``:steer_t``), the
+#: unaccepted steering input of turn ``:dt`` that the commit defers (locked, in admission
+#: order) and, when ``:probe``, whether open input or a pending command remains besides the
+#: rows the commit completes (deferred input counts: it is open).
+#:
+#: Read here, after the lease row lock and in a snapshot of its own, these are what the
+#: write statement then finds: every admission locks that row (shared) first, and the rows
+#: the commit changes are locked. So the commit writes in one statement, not two.
 _COMMIT_HEAD = prepared(
     "lash_commit_head",
     "SELECT (SELECT row_to_json(t) FROM (SELECT turn_commit_hash, result"
@@ -395,12 +413,22 @@ _COMMIT_HEAD = prepared(
     " (SELECT json_agg(json_build_array(c.batch_id, c.claim_id, c.claim_token))"
     "  FROM (SELECT batch_id, claim_id, claim_token FROM lash_session_commands"
     "   WHERE session_id = :s AND batch_id = ANY(:bids) FOR UPDATE) c) AS commands,"
-    f" (SELECT json_agg(row_to_json(a)) FROM ({_STEERING_ROWS_SQL}) a) AS steering",
+    f" (SELECT json_agg(row_to_json(a)) FROM ({_STEERING_ROWS_SQL}) a) AS steering,"
+    " (SELECT coalesce(array_agg(d.input_id ORDER BY d.enqueue_seq), '{}')"
+    "  FROM (SELECT input_id, enqueue_seq FROM lash_pending_inputs"
+    "   WHERE session_id = :s AND state = 'pending_active' AND ingress->>'turn_id' = :dt"
+    "    AND NOT (input_id = ANY(:ids)) FOR UPDATE) d) AS deferrable,"
+    " :probe AND EXISTS (SELECT 1 FROM lash_pending_inputs WHERE session_id = :s"
+    f"  AND state IN ({_OPEN_STATES_SQL}) AND NOT (input_id = ANY(:ids))) AS open_input,"
+    " :probe AND EXISTS (SELECT 1 FROM lash_session_commands WHERE session_id = :s"
+    "  AND state = 'pending' AND NOT (batch_id = ANY(:bids))) AS command_pending",
     s="text",
     t="text",
     steer_t="text",
     ids="text[]",
     bids="text[]",
+    dt="text",
+    probe="boolean",
 )
 _COMMIT_HEAD_KEY = "commit_head"
 
@@ -1767,7 +1795,17 @@ class PostgresStore(Store):
         batch_ids = [b for c in commit.completed_command_claims for b in c.batch_ids]
         steer_t = turn_id if commit.steering_checkpoint else None
         head = Opening(
-            _COMMIT_HEAD, (sid, turn_id, steer_t, input_ids, batch_ids), _COMMIT_HEAD_KEY
+            _COMMIT_HEAD,
+            (
+                sid,
+                turn_id,
+                steer_t,
+                input_ids,
+                batch_ids,
+                commit.defer_active_inputs_of_turn,
+                commit.release_lease_if_idle,
+            ),
+            _COMMIT_HEAD_KEY,
         )
         try:
             async with self._tx(lock_lease=sid, openings=[head]) as conn:
@@ -1836,9 +1874,8 @@ class PostgresStore(Store):
             await conn.execute(text("DELETE FROM lash_nodes WHERE session_id = :s"), {"s": sid})
         if isinstance(commit.graph, GraphAppend | GraphReplace):
             appended = list(commit.graph.nodes)
-        deferred, open_input, command_pending = await self._complete_and_defer(
-            conn, commit, input_ids, batch_ids, now, new_head, appended
-        )
+        deferred: list[str] = list(head_row.deferrable)
+        open_input, command_pending = bool(head_row.open_input), bool(head_row.command_pending)
 
         payloads: list[EventPayload] = []
         if commit.applied_command is not None:
@@ -1889,6 +1926,7 @@ class PostgresStore(Store):
             released or lease if released or commit.turn else None,
             now,
             commit_hash,
+            _completion(input_ids, batch_ids, deferred, new_head, appended),
         )
         return result
 
@@ -1903,12 +1941,16 @@ class PostgresStore(Store):
         lease: LeaseRow | None,
         now: int,
         commit_hash: str | None,
+        completion: tuple[list[str], dict[str, Any]],
     ) -> None:
-        """One statement: head CAS + session fields, events, stamp, lease row, wake-ups
-        (``commit_hash``: the turn's, computed once by the caller)."""
+        """One statement: the ``completion`` writes (:func:`_completion`), head CAS +
+        session fields, events, stamp, lease row, wake-ups (``commit_hash``: the turn's,
+        computed once by the caller)."""
         sid = commit.session_id
         local = self._local_events(conn, sid) if payloads else None
         params, values, calls = _event_params(sid, now, payloads, notes, announce=local is None)
+        completion_ctes, completion_params = completion
+        params.update(completion_params)
         head = result.head_revision
         usage = Usage.model_validate(session["usage"]) if session else Usage()
         if commit.usage is not None:
@@ -1928,6 +1970,7 @@ class PostgresStore(Store):
             }
         )
         ctes = [
+            *completion_ctes,
             f"""ses AS (
             INSERT INTO lash_sessions (session_id, head_revision, last_seq, leaf_node_id, config,
                 checkpoint, usage, created_at_ms, updated_at_ms)
@@ -1940,7 +1983,7 @@ class PostgresStore(Store):
                 checkpoint = COALESCE(CAST(:checkpoint AS jsonb), lash_sessions.checkpoint),
                 usage = CAST(:usage AS jsonb), updated_at_ms = :enow
             WHERE lash_sessions.head_revision = :prev
-            RETURNING last_seq, head_revision)"""
+            RETURNING last_seq, head_revision)""",
         ]
         if payloads:
             ctes.append(_EVENTS_CTE.format(values=values))
@@ -1977,41 +2020,6 @@ class PostgresStore(Store):
             raise HeadRevisionConflict(sid, commit.expected_head_revision, head)
         if local is not None:
             local.extend(result.events)
-
-    async def _complete_and_defer(
-        self,
-        conn: Connection,
-        commit: RuntimeCommit,
-        input_ids: list[str],
-        batch_ids: list[str],
-        now: int,
-        revision: int,
-        nodes: list[MessageNode],
-    ) -> tuple[list[str], bool, bool]:
-        """Write appended nodes, complete claimed rows and defer the turn's unaccepted
-        steering input (§1.9), in one statement. Returns the deferred input ids and, when
-        the commit asks ``release_lease_if_idle``, whether open input (``OPEN_STATES``) or a
-        pending command remains once this commit is applied (else ``False, False``).
-
-        The CTEs all see the snapshot from before the statement, so the probes exclude the
-        rows this statement completes and count the rows it defers (``pending_active``)."""
-        sid = commit.session_id
-        rows = await conn.execute(
-            _COMPLETE_AND_DEFER,
-            {
-                "s": sid,
-                "now": now,
-                "ids": input_ids,
-                "bids": batch_ids,
-                "turn": commit.defer_active_inputs_of_turn,
-                # Revision-major ordinals keep insertion order across commits.
-                "base": revision << 20,
-                "nodes": dumps([n.model_dump(mode="json") for n in nodes]),
-                "probe": commit.release_lease_if_idle,
-            },
-        )
-        row = rows.one()
-        return list(row.deferred), bool(row.open_input), bool(row.command_pending)
 
     # ------------------------------------------------------------------ reading
 
