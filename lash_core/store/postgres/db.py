@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+import psycopg.adapt
 import psycopg.errors
-import psycopg.sql
 from psycopg import pq
 from psycopg.rows import RowMaker
 from psycopg.types.array import ListBinaryDumper
@@ -352,11 +352,13 @@ class Database:
         ``DEALLOCATE ALL``, so a statement prepared here can be gone: then it is prepared
         again and the transaction opened once more."""
         parts = [b"BEGIN"]
+        # One adapter context for every argument (``sql.Literal`` builds one per value).
+        literal = psycopg.adapt.Transformer.from_context(raw).as_literal
         for opening in openings:
             statement = opening.statement
             for listener in self._listeners:
                 listener(statement.source)
-            literals = b", ".join(psycopg.sql.Literal(arg).as_bytes(raw) for arg in opening.args)
+            literals = b", ".join(literal(arg) for arg in opening.args)
             parts.append(b"EXECUTE " + statement.name.encode() + b"(" + literals + b")")
         query = b"; ".join(parts)
         prepared = raw.prepared_names
