@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import re
 from collections import namedtuple
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
@@ -79,6 +80,49 @@ class Opening:
     statement: Prepared
     args: tuple[Any, ...]
     key: object
+
+
+@functools.lru_cache(maxsize=1024)
+def _positional(source: str) -> tuple[tuple[str, ...], str]:
+    """The parameter names of ``source`` in order of first use, and ``source`` with
+    ``$1``, ``$2`` ... in their place."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in names:
+            names.append(name)
+        return f"${names.index(name) + 1}"
+
+    numbered = _BIND.sub(number, source)
+    return tuple(names), numbered
+
+
+def _sql_type(value: Any) -> str:
+    """The type a final statement (:meth:`Connection.execute_and_commit`) declares for a
+    parameter with ``value``: what psycopg's extended protocol would send, with strings
+    and ``NULL`` left ``unknown`` for the server to infer from where they are used."""
+    if value is None or isinstance(value, str):
+        return "unknown"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "bigint"
+    if isinstance(value, float):
+        return "double precision"
+    if isinstance(value, list):
+        numbers = value and all(type(v) is int for v in value)
+        return "bigint[]" if numbers else "text[]"
+    raise TypeError(f"no SQL type for a final statement's parameter {value!r}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _final_statement(numbered: str, types: tuple[str, ...], epoch: int) -> Prepared:
+    """``numbered`` with parameter ``types`` as a statement prepared by name; the name is
+    new for each ``epoch`` of a connection's prepared statements
+    (:attr:`PooledConnection.prepared_epoch`)."""
+    digest = hashlib.blake2b(f"{types}{numbered}".encode(), digest_size=8).hexdigest()
+    return Prepared(f"lash_f{digest}_{epoch}", types, numbered)
 
 
 def prepared(name: str, source: str, **types: str) -> Prepared:
@@ -169,6 +213,18 @@ class PooledConnection(psycopg.AsyncConnection[Any]):
         super().__init__(*args, **kwargs)
         self._statement_cursor: psycopg.AsyncCursor[Any] | None = None
         self.prepared_names: set[str] = set()
+        #: Counts :meth:`forget_prepared` calls. Final statements
+        #: (:meth:`Connection.execute_and_commit`) are named per epoch: one prepared inside
+        #: a transaction never meets a leftover of the same name the server kept (the
+        #: error would end the transaction).
+        self.prepared_epoch = 0
+
+    def forget_prepared(self) -> None:
+        """The server may have dropped every statement this connection prepared (psycopg
+        sends ``DEALLOCATE ALL`` after a rollback when it holds prepared statements of its
+        own), or may not have: prepare each again, under a new name if final."""
+        self.prepared_names.clear()
+        self.prepared_epoch += 1
 
     def statement_cursor(self) -> psycopg.AsyncCursor[Any]:
         cursor = self._statement_cursor
@@ -227,6 +283,55 @@ class Connection:
         cursor = self._raw.statement_cursor()
         # Always with a mapping, so the escaped ``%%`` of a parameterless query is undone.
         await cursor.execute(sql.query, params or {})
+        result = cursor.pgresult
+        rows = await cursor.fetchall() if result and result.status == _TUPLES_OK else []
+        return Result(rows, cursor.rowcount)
+
+    async def execute_and_commit(self, sql: Sql, params: Mapping[str, Any] | None = None) -> Result:
+        """``sql`` as the transaction's last statement, sent with its ``COMMIT`` as one
+        simple-protocol message, ``EXECUTE name(literals); COMMIT``: one round trip
+        fewer. The statement is prepared on the connection the first time (in the
+        transaction: ``PREPARE`` is not transactional).
+
+        If it fails, ``COMMIT`` is not run and the transaction rolls back as usual. The
+        caller must not need to undo anything once it returns: it is committed (later
+        statements on ``self`` each commit alone). Outside a transaction opened with
+        statements (:meth:`Database.transaction`), it is a plain :meth:`execute` and the
+        commit follows the block.
+
+        Arguments go as SQL literals: right for scalars and short lists of ids, not for
+        lists of documents (psycopg quotes a text array's elements one by one in Python;
+        bound in binary they cost a fifth as much, see ``_configure``)."""
+        if self._opened is None:
+            return await self.execute(sql, params)
+        for listener in self._listeners:
+            listener(sql.source)
+        raw = self._raw
+        names, numbered = _positional(sql.source)
+        values = params or {}
+        args = [values[name] for name in names]
+        types = tuple(_sql_type(arg) for arg in args)
+        statement = _final_statement(numbered, types, raw.prepared_epoch)
+        if statement.name not in raw.prepared_names:
+            await raw.execute(statement.prepare_sql.encode(), prepare=False)
+            raw.prepared_names.add(statement.name)
+        literal = psycopg.adapt.Transformer.from_context(raw).as_literal
+        query = b"".join(
+            (
+                b"EXECUTE ",
+                statement.name.encode(),
+                b"(" if args else b"",
+                b", ".join(literal(arg) for arg in args),
+                b")" if args else b"",
+                b"; COMMIT",
+            )
+        )
+        cursor = raw.statement_cursor()
+        try:
+            await cursor.execute(query, prepare=False)
+        except psycopg.errors.InvalidSqlStatementName:
+            raw.forget_prepared()
+            raise
         result = cursor.pgresult
         rows = await cursor.fetchall() if result and result.status == _TUPLES_OK else []
         return Result(rows, cursor.rowcount)
@@ -340,7 +445,8 @@ class Database:
             except BaseException:
                 await self._rollback(raw)
                 raise
-            await raw.commit()
+            if raw.pgconn.transaction_status != pq.TransactionStatus.IDLE:
+                await raw.commit()  # else its last statement committed it
             conn.run_committed()
 
     async def _open(
@@ -395,7 +501,7 @@ class Database:
         roll back is left to the pool, which discards it (the caller's error matters)."""
         if raw.pgconn.transaction_status == pq.TransactionStatus.IDLE:
             return
-        raw.prepared_names.clear()
+        raw.forget_prepared()
         with contextlib.suppress(psycopg.Error):
             await raw.rollback()
 

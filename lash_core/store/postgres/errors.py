@@ -12,8 +12,10 @@ from sqlalchemy import exc as sa_exc
 
 from lash_core.errors import LashError, RetryableStoreError, StoreError, StoreUnavailable
 
-#: serialization_failure, deadlock_detected, lock_not_available, query_canceled (timeouts).
-RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014"})
+#: serialization_failure, deadlock_detected, lock_not_available, query_canceled (timeouts),
+#: invalid_sql_statement_name (a statement the connection had prepared was dropped behind
+#: the store's back: the next attempt prepares it again).
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01", "55P03", "57014", "26000"})
 #: The SQLSTATEs of the transient subset that lash maps to a head conflict inside commit.
 CAS_SQLSTATES = frozenset({"40001", "40P01", "55P03"})
 
