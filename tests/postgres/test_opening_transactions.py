@@ -1,6 +1,8 @@
-"""Transactions that open with a prepared statement sent together with ``BEGIN``.
+"""Transactions that open with a prepared statement sent together with ``BEGIN``, and
+close with their last statement sent together with ``COMMIT``.
 
-``Database.transaction(opening)`` sends ``BEGIN; EXECUTE ...`` as one message; these tests
+``Database.transaction(opening)`` sends ``BEGIN; EXECUTE ...`` as one message and
+``Connection.execute_and_commit`` sends ``EXECUTE ...; COMMIT``; these tests
 read libpq's protocol trace to count what actually crosses the wire, and check commit,
 rollback, literal quoting and the re-preparing that psycopg's ``DEALLOCATE ALL`` (after
 every rollback it sends) makes necessary.
@@ -9,14 +11,16 @@ every rollback it sends) makes necessary.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 import pytest_asyncio
 
 from lash_core.commit import FinalTurn, RuntimeCommit
-from lash_core.errors import LeaseLost
+from lash_core.errors import LeaseLost, StoreError
 from lash_core.outcomes import AssistantMessageFinish, Finished
 from lash_core.store.postgres import PostgresStore
 from lash_core.store.postgres.db import Database, Opening, Prepared, prepared, text
@@ -227,5 +231,104 @@ async def test_store_hot_path_sends_begin_with_its_first_statement(
             ["lash_lock_lease", "lash_commit_head"],
         ], queries
         assert '"BEGIN"' not in queries
+        # One input's admission, the turn start and the commit send their last statement
+        # with the COMMIT; a batch (its arrays of documents bind in binary) commits alone.
+        finals = [q for q in queries if q.endswith('; COMMIT"')]
+        assert len(finals) == 3 and all(q.startswith('"EXECUTE lash_f') for q in finals)
+        assert queries.count('"COMMIT"') == 1, queries
     finally:
         await store.close()
+
+
+async def _traced(db: Database, tmp_path: Path, work: Callable[[], Awaitable[None]]) -> list[str]:
+    """The simple-protocol queries ``work`` sends on the fixture's one connection."""
+    trace = tmp_path / "final.trace"
+    with trace.open("w") as out:
+        async with db.single() as conn:
+            conn._raw.pgconn.trace(out.fileno())
+        try:
+            await work()
+        finally:
+            async with db.single() as conn:
+                conn._raw.pgconn.untrace()
+    sent = [line.split("\t") for line in trace.read_text().splitlines()]
+    return [f[4].strip() for f in sent if len(f) > 4 and f[1] == "F" and f[3] == "Query"]
+
+
+async def test_a_last_statement_carries_the_commit(db: Database, tmp_path: Path) -> None:
+    """``execute_and_commit``: the statement and ``COMMIT`` in one message; its rows come
+    back; what the transaction wrote before it is committed with it; values of every kind
+    arrive as sent, however they are quoted."""
+    table = await _scratch(db)
+    final = text(
+        f"WITH w AS (INSERT INTO {table} VALUES (:v) RETURNING v) SELECT w.v,"
+        " CAST(:n AS bigint) AS n, :b AS b, CAST(:l AS text[]) AS l, :none AS none FROM w"
+    )
+    tricky = "it's a \\ % %(s)s 'quoted' \"value\""
+    params = {"v": tricky, "n": -7, "b": True, "l": ["a,b", 'q"', ""], "none": None}
+    rows: list[Any] = []
+
+    async def work() -> None:
+        async with db.transaction(Opening(_ECHO, ("x",), "k")) as conn:
+            await conn.execute(text(f"INSERT INTO {table} VALUES ('before')"))
+            rows.extend(await conn.execute_and_commit(final, params))
+
+    queries = await _traced(db, tmp_path, work)
+    assert [tuple(r) for r in rows] == [(tricky, -7, True, ["a,b", 'q"', ""], None)]
+    # The first time: prepared inside the transaction, just before it is sent.
+    assert queries[-2].startswith('"PREPARE lash_f') and queries[-1].endswith('; COMMIT"')
+    assert '"COMMIT"' not in queries
+    assert await _rows(db, table) == sorted(["before", tricky])
+    queries = await _traced(db, tmp_path, work)
+    assert len(queries) == 2, queries  # prepared now
+
+
+async def test_a_failed_last_statement_commits_nothing(db: Database) -> None:
+    """If the statement fails, its ``COMMIT`` never runs: the whole transaction rolls back,
+    and the connection goes on (psycopg's ``DEALLOCATE ALL`` after the rollback included)."""
+    table = await _scratch(db)
+    async with db.single() as conn:
+        await conn.execute(text(f"CREATE UNIQUE INDEX ON {table} (v)"))
+    insert = text(f"INSERT INTO {table} VALUES (:v)")
+    for value in ("one", "two"):
+        async with db.transaction(Opening(_ECHO, ("x",), "k")) as conn:
+            await conn.execute_and_commit(insert, {"v": value})
+    with pytest.raises(StoreError):
+        try:
+            async with db.transaction(Opening(_ECHO, ("x",), "k")) as conn:
+                await conn.execute(text(f"INSERT INTO {table} VALUES ('lost')"))
+                await conn.execute_and_commit(insert, {"v": "one"})
+        except psycopg.Error as exc:
+            raise StoreError(str(exc)) from exc
+    for value in ("three", "four"):
+        async with db.transaction(Opening(_ECHO, ("x",), "k")) as conn:
+            await conn.execute_and_commit(insert, {"v": value})
+    assert await _rows(db, table) == ["four", "one", "three", "two"]
+
+
+async def test_a_last_statement_survives_lost_and_leftover_prepared_statements(
+    db: Database,
+) -> None:
+    """Prepared again after psycopg deallocates everything behind the store's back (its own
+    transaction's rollback: the opening finds its statement gone and starts over), and
+    under a new name when the store forgets statements the server still holds:
+    ``PREPARE`` inside the transaction never meets an old name."""
+    table = await _scratch(db)
+    insert = text(f"INSERT INTO {table} VALUES (:v)")
+
+    async def final(value: str) -> None:
+        async with db.transaction(Opening(_ECHO, ("x",), "k")) as conn:
+            await conn.execute_and_commit(insert, {"v": value})
+
+    await final("a")
+    with pytest.raises(RuntimeError):
+        async with db.transaction() as conn:  # psycopg's transaction: rollback, DEALLOCATE ALL
+            await conn.execute(text(f"INSERT INTO {table} VALUES ('lost')"))
+            raise RuntimeError
+    await final("b")
+    async with db.single() as conn:
+        conn._raw.forget_prepared()  # the server still holds them
+    await final("c")
+    async with db.transaction() as conn:  # no opening: a plain statement, then COMMIT
+        await conn.execute_and_commit(insert, {"v": "d"})
+    assert await _rows(db, table) == ["a", "b", "c", "d"]

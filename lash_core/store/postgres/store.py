@@ -135,13 +135,14 @@ _LOCK_LEASE = prepared(
 Note = tuple[str, str | None]  # (kind, turn_id)
 
 
-LEASE_UPSERT_SQL = """
+_LEASE_VALUES_SQL = """:s, :owner_id, :incarnation_id, CAST(:liveness AS jsonb), :lease_token,
+        :fencing_token, :claimed_at_ms, :expires_at_ms, :running_turn_id, :cancel_requested,
+        :cancel_reason"""
+_LEASE_UPSERT_TEMPLATE = """
     INSERT INTO lash_leases (session_id, owner_id, incarnation_id, liveness, lease_token,
         fencing_token, claimed_at_ms, expires_at_ms, running_turn_id, cancel_requested,
         cancel_reason)
-    VALUES (:s, :owner_id, :incarnation_id, CAST(:liveness AS jsonb), :lease_token,
-        :fencing_token, :claimed_at_ms, :expires_at_ms, :running_turn_id, :cancel_requested,
-        :cancel_reason)
+    {source}
     ON CONFLICT (session_id) DO UPDATE SET owner_id = EXCLUDED.owner_id,
         incarnation_id = EXCLUDED.incarnation_id, liveness = EXCLUDED.liveness,
         lease_token = EXCLUDED.lease_token, fencing_token = EXCLUDED.fencing_token,
@@ -149,6 +150,11 @@ LEASE_UPSERT_SQL = """
         running_turn_id = EXCLUDED.running_turn_id,
         cancel_requested = EXCLUDED.cancel_requested, cancel_reason = EXCLUDED.cancel_reason
 """
+LEASE_UPSERT_SQL = _LEASE_UPSERT_TEMPLATE.format(source=f"VALUES ({_LEASE_VALUES_SQL})")
+#: The lease row written only if the commit's head CAS (the ``ses`` CTE) wrote its row.
+_LEASE_UPSERT_AFTER_HEAD_SQL = _LEASE_UPSERT_TEMPLATE.format(
+    source=f"SELECT {_LEASE_VALUES_SQL} FROM ses"
+)
 _LEASE_UPSERT = text(LEASE_UPSERT_SQL)
 
 #: Allocates ``:en`` event seqs on the session row (creating it) and returns the last one.
@@ -327,11 +333,12 @@ def _first_command(
 #: A commit's writes besides the session head and events (CTEs of its one write statement,
 #: each only when it has rows to write): the appended nodes, the completed input and
 #: command rows and the steering input the turn leaves to the next turn (``:dids``, read
-#: and locked with the head).
+#: and locked with the head). Each writes only if the head CAS (the ``ses`` CTE) did: the
+#: statement is sent with its ``COMMIT``, so a failed CAS must leave nothing written.
 _GRAPH_CTE = """graph AS (
     INSERT INTO lash_nodes (session_id, node_id, ordinal, node)
     SELECT :es, n.body->>'node_id', :base + n.ord, n.body
-    FROM jsonb_array_elements(CAST(:nodes AS jsonb)) WITH ORDINALITY AS n(body, ord)
+    FROM ses, jsonb_array_elements(CAST(:nodes AS jsonb)) WITH ORDINALITY AS n(body, ord)
     ON CONFLICT (session_id, node_id) DO UPDATE SET node = EXCLUDED.node,
         ordinal = EXCLUDED.ordinal
     RETURNING 1)"""
@@ -340,15 +347,18 @@ _CLEARED_CLAIM_SQL = """claim_id = NULL, claim_owner_id = NULL, claim_owner_inca
 _DONE_CTE = f"""done AS (
     UPDATE lash_pending_inputs SET state = 'completed', terminal_at_ms = :enow,
         {_CLEARED_CLAIM_SQL}
-    WHERE session_id = :es AND input_id = ANY(:ids) RETURNING 1)"""
+    WHERE session_id = :es AND input_id = ANY(:ids)
+        AND EXISTS (SELECT 1 FROM ses) RETURNING 1)"""
 _CMDS_CTE = f"""cmds AS (
     UPDATE lash_session_commands SET state = 'completed', terminal_at_ms = :enow,
         {_CLEARED_CLAIM_SQL}
-    WHERE session_id = :es AND batch_id = ANY(:bids) RETURNING 1)"""
+    WHERE session_id = :es AND batch_id = ANY(:bids)
+        AND EXISTS (SELECT 1 FROM ses) RETURNING 1)"""
 _DEFERRED_CTE = f"""deferred AS (
     UPDATE lash_pending_inputs SET state = 'deferred_next_turn',
         ingress = '{{"scope":"next_turn"}}'::jsonb, {_CLEARED_CLAIM_SQL}
     WHERE session_id = :es AND input_id = ANY(:dids) AND state = 'pending_active'
+        AND EXISTS (SELECT 1 FROM ses)
     RETURNING 1)"""
 
 
@@ -844,8 +854,10 @@ class PostgresStore(Store):
         *,
         lease: LeaseRow | None = None,
         inputs: Sequence[PendingTurnInput] = (),
+        last: bool = False,
     ) -> tuple[list[DurableEvent], str | None]:
-        """:meth:`_append_events`, also returning the session's committed leaf node id."""
+        """:meth:`_append_events`, also returning the session's committed leaf node id
+        (``last``: the transaction's last statement, sent with its ``COMMIT``)."""
         local = self._local_events(conn, session_id) if payloads else None
         params, values, calls = _event_params(
             session_id, now, payloads, notes, announce=local is None
@@ -866,8 +878,9 @@ class PostgresStore(Store):
             return [], None
         ctes.append(_SESSION_SEQ_CTE.format(source="VALUES (:es, :en, :enow, :enow)"))
         ctes.append(_EVENTS_CTE.format(values=values))
+        run = conn.execute_and_commit if last else conn.execute
         row = (
-            await conn.execute(
+            await run(
                 text(
                     "WITH "
                     + ", ".join(ctes)
@@ -934,8 +947,10 @@ class PostgresStore(Store):
             ses_cte = _SESSION_SEQ_CTE.format(source="SELECT :es, :en, :enow, :enow FROM ins")
             if lease is None:
                 ses_cte += ",\n" + _FREE_LEASE_ROW
+            # Sent with the COMMIT: a duplicate's existing row is read after it (the insert
+            # wrote nothing; each statement reads a fresh snapshot either way).
             admitted = (
-                await conn.execute(
+                await conn.execute_and_commit(
                     text(
                         f"""
                         WITH ins AS (
@@ -1446,6 +1461,7 @@ class PostgresStore(Store):
             [started],
             lease=running,
             inputs=[*claimed, *(r for r in resolved if r.input_id not in ids)],
+            last=True,
         )
         turn = TurnStart(
             session_id=sid,
@@ -1970,7 +1986,6 @@ class PostgresStore(Store):
             }
         )
         ctes = [
-            *completion_ctes,
             f"""ses AS (
             INSERT INTO lash_sessions (session_id, head_revision, last_seq, leaf_node_id, config,
                 checkpoint, usage, created_at_ms, updated_at_ms)
@@ -1985,6 +2000,7 @@ class PostgresStore(Store):
             WHERE lash_sessions.head_revision = :prev
             RETURNING last_seq, head_revision)""",
         ]
+        ctes.extend(completion_ctes)
         if payloads:
             ctes.append(_EVENTS_CTE.format(values=values))
         if commit.turn is not None:
@@ -2001,10 +2017,10 @@ class PostgresStore(Store):
                 }
             )
         if lease is not None:
-            ctes.append(f"lease_w AS ({LEASE_UPSERT_SQL} RETURNING 1)")
+            ctes.append(f"lease_w AS ({_LEASE_UPSERT_AFTER_HEAD_SQL} RETURNING 1)")
             params.update(lease_params(lease))
         row = (
-            await conn.execute(
+            await conn.execute_and_commit(
                 text(
                     "WITH "
                     + ", ".join(ctes)
@@ -2017,6 +2033,7 @@ class PostgresStore(Store):
         ).one_or_none()
         if row is None:
             # Backstop only: the lease row lock already serialises this session's commits.
+            # Every write of the statement waited on the CAS, so nothing was committed.
             raise HeadRevisionConflict(sid, commit.expected_head_revision, head)
         if local is not None:
             local.extend(result.events)
