@@ -63,6 +63,8 @@ class Settings(BaseSettings):
     tombstone_retention_s: int = Field(default=604_800, ge=0)
     vacuum_interval_s: int = Field(default=3_600, ge=0)
     db_pool_size: int = Field(default=10, ge=1)
+    state_cache_sessions: int = Field(default=1024, ge=1)
+    state_cache_mib: int = Field(default=8, ge=1)
     owner_id: str = Field(default_factory=_hostname, min_length=1)
     system_prompt: str | None = None
     max_iterations: int = Field(default=16, ge=1)

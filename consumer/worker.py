@@ -29,6 +29,7 @@ from consumer.outbox import ActivityPublisher, OutboxRelay
 from consumer.settings import Settings
 from consumer.topology import declare
 from lash_core.engine import AgentConfig, SessionDriver
+from lash_core.engine.state_cache import StateCache
 from lash_core.leases import local_process_owner
 from lash_core.providers.base import Provider
 from lash_core.providers.factory import build_provider
@@ -57,6 +58,14 @@ def make_provider(settings: Settings) -> Provider:
         openai_base_url=settings.openai_base_url,
         openai_api_key=key,
         model=settings.model,
+    )
+
+
+def state_cache(settings: Settings) -> StateCache[Any]:
+    """The driver's committed-state cache, within the bounds the settings give."""
+    return StateCache(
+        max_sessions=settings.state_cache_sessions,
+        max_bytes=settings.state_cache_mib * 1024 * 1024,
     )
 
 
@@ -114,7 +123,12 @@ class Worker:
         )
         owner = local_process_owner(s.owner_id, self.incarnation_id)
         self.driver = SessionDriver(
-            store, agent, owner, lease_ttl_ms=s.lease_ttl_ms, on_activity=ActivityPublisher(live)
+            store,
+            agent,
+            owner,
+            lease_ttl_ms=s.lease_ttl_ms,
+            on_activity=ActivityPublisher(live),
+            state_cache=state_cache(s),
         )
         self.relay = OutboxRelay(
             store,

@@ -20,9 +20,11 @@ from lash_core.transcript import MessageNode
 T = TypeVar("T")
 
 MAX_SESSIONS = 1024
-"""At most this many sessions' state is cached (per driver, so per worker)."""
+"""By default, at most this many sessions' state is cached (per driver, so per worker;
+``LASH_STATE_CACHE_SESSIONS``)."""
 MAX_BYTES = 8 * 1024 * 1024
-"""At most about this much memory (:func:`nodes_size`) is held by cached state."""
+"""By default, at most about this much memory (:func:`nodes_size`) is held by cached
+state (``LASH_STATE_CACHE_MIB``)."""
 NODE_BYTES = 1536
 """The memory of one cached message besides its text: measured with tracemalloc at about
 1.8 KB for a short message with its ids and one input id (Python 3.11, pydantic 2)."""
@@ -54,6 +56,14 @@ class StateCache(Generic[T]):
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def max_sessions(self) -> int:
+        return self._max_sessions
+
+    @property
+    def max_bytes(self) -> int:
+        return self._max_bytes
 
     @property
     def bytes(self) -> int:

@@ -10,6 +10,8 @@ from pydantic import SecretStr
 
 from consumer import wire
 from consumer.settings import Settings, redact_url
+from consumer.worker import state_cache
+from lash_core.engine.state_cache import MAX_BYTES, MAX_SESSIONS
 
 
 def encode(**fields: Any) -> bytes:
@@ -179,3 +181,20 @@ def test_settings_defaults_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     public = json.dumps(s.public())
     assert "sk-secret" not in public and "pw" not in public
     assert redact_url("postgresql://a:b@h/db") == "postgresql://a:***@h/db"
+
+
+def test_the_state_cache_takes_its_bounds_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for key in list(__import__("os").environ):
+        if key.startswith("LASH_"):
+            monkeypatch.delenv(key)
+    default = state_cache(Settings())
+    assert (default.max_sessions, default.max_bytes) == (MAX_SESSIONS, MAX_BYTES)
+    monkeypatch.setenv("LASH_STATE_CACHE_SESSIONS", "3")
+    monkeypatch.setenv("LASH_STATE_CACHE_MIB", "64")
+    tuned = state_cache(Settings())
+    assert (tuned.max_sessions, tuned.max_bytes) == (3, 64 * 1024 * 1024)
+    monkeypatch.setenv("LASH_STATE_CACHE_SESSIONS", "0")
+    with pytest.raises(ValueError):
+        Settings()
