@@ -136,6 +136,23 @@ async def test_relays_publish_in_order_and_take_over(
         await connection.close()
 
 
+async def _local_relay(
+    store: Store,
+    topology: Topology,
+    db_url: str,
+    namespace: str,
+    *,
+    linger: float = MARK_LINGER_S,
+) -> tuple[OutboxRelay, asyncio.Task[None]]:
+    """A running one-shard relay that ``store`` hands its events to, once it holds the
+    shard (its poll a minute away: only hand-overs and notifications wake it)."""
+    relay = _relay(store, topology, db_url, namespace, shards=1, batch=50, poll=60.0, linger=linger)
+    store.set_local_publisher(relay)
+    run = asyncio.create_task(relay.run())
+    await _until(lambda: relay.held_shards == {0})
+    return relay, run
+
+
 async def _stopped(relay: OutboxRelay, run: asyncio.Task[None]) -> None:
     """Stop ``relay``, wait for its ``run`` task and close it (releasing its shards)."""
     await relay.stop()
@@ -410,12 +427,7 @@ async def test_marks_ride_on_the_next_scan_or_go_alone_after_the_linger(
     try:
         channel = await connection.channel(publisher_confirms=True)
         topology = await declare(channel, clean_namespace, 5)
-        relay = _relay(
-            store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0, linger=60.0
-        )
-        store.set_local_publisher(relay)
-        run = asyncio.create_task(relay.run())
-        await _until(lambda: relay.held_shards == {0})
+        relay, run = await _local_relay(store, topology, db_url, clean_namespace, linger=60.0)
 
         def marks() -> tuple[int, int]:
             alone = sum(s.startswith("UPDATE lash_events e SET published") for s in statements)
@@ -436,12 +448,7 @@ async def test_marks_ride_on_the_next_scan_or_go_alone_after_the_linger(
         assert await store.unpublished_events(100) == []
         await relay.close()
 
-        quick = _relay(
-            store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0, linger=0.05
-        )
-        store.set_local_publisher(quick)
-        run = asyncio.create_task(quick.run())
-        await _until(lambda: quick.held_shards == {0})
+        quick, run = await _local_relay(store, topology, db_url, clean_namespace, linger=0.05)
         await admit(store, "linger-c", 1)
         await _until(lambda: quick.published == 1)  # no scan came: the linger ran out
         assert marks() == (2, 1) and await store.unpublished_events(100) == []
@@ -465,14 +472,11 @@ async def test_handed_over_events_go_out_without_a_scan_while_they_follow_on(
     try:
         channel = await connection.channel(publisher_confirms=True)
         topology = await declare(channel, clean_namespace, 5)
-        relay = _relay(store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0)
-        store.set_local_publisher(relay)
+        relay, run = await _local_relay(store, topology, db_url, clean_namespace)
         async with (
             await Producer.on_connection(connection, clean_namespace) as producer,
             producer.observe() as observer,
         ):
-            run = asyncio.create_task(relay.run())
-            await _until(lambda: relay.held_shards == {0})
             await _until(lambda: relay.scans == 1)  # the scan that taking the shard asks for
             events: list[dict[str, Any]] = []
 
@@ -516,8 +520,7 @@ async def test_events_another_store_commits_go_out_from_their_notification(
     try:
         channel = await connection.channel(publisher_confirms=True)
         topology = await declare(channel, clean_namespace, 5)
-        relay = _relay(store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0)
-        store.set_local_publisher(relay)
+        relay, run = await _local_relay(store, topology, db_url, clean_namespace)
 
         async def route() -> None:
             async for note in notes:
@@ -529,8 +532,6 @@ async def test_events_another_store_commits_go_out_from_their_notification(
             await Producer.on_connection(connection, clean_namespace) as producer,
             producer.observe() as observer,
         ):
-            run = asyncio.create_task(relay.run())
-            await _until(lambda: relay.held_shards == {0})
             await _until(lambda: relay.scans == 1)  # the scan that taking the shard asks for
             probes = 0
             while relay.handed_published == 0:  # until LISTEN is in place
@@ -581,12 +582,7 @@ async def test_steady_handed_over_events_cannot_put_their_marks_off(
     try:
         channel = await connection.channel(publisher_confirms=True)
         topology = await declare(channel, clean_namespace, 5)
-        relay = _relay(
-            store, topology, db_url, clean_namespace, shards=1, batch=50, poll=60.0, linger=0.2
-        )
-        store.set_local_publisher(relay)
-        run = asyncio.create_task(relay.run())
-        await _until(lambda: relay.held_shards == {0})
+        relay, run = await _local_relay(store, topology, db_url, clean_namespace, linger=0.2)
         scans = relay.scans
         admitted = 0
         while relay.published == 0:

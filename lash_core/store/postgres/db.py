@@ -315,17 +315,7 @@ class Connection:
         if statement.name not in raw.prepared_names:
             await raw.execute(statement.prepare_sql.encode(), prepare=False)
             raw.prepared_names.add(statement.name)
-        literal = psycopg.adapt.Transformer.from_context(raw).as_literal
-        query = b"".join(
-            (
-                b"EXECUTE ",
-                statement.name.encode(),
-                b"(" if args else b"",
-                b", ".join(literal(arg) for arg in args),
-                b")" if args else b"",
-                b"; COMMIT",
-            )
-        )
+        query = _execute_sql(statement, args, _literal(raw)) + b"; COMMIT"
         cursor = raw.statement_cursor()
         try:
             await cursor.execute(query, prepare=False)
@@ -335,6 +325,24 @@ class Connection:
         result = cursor.pgresult
         rows = await cursor.fetchall() if result and result.status == _TUPLES_OK else []
         return Result(rows, cursor.rowcount)
+
+
+def _literal(raw: PooledConnection) -> Callable[[Any], bytes]:
+    """Quotes values as SQL literals for ``raw``, through one adapter context for them all
+    (``sql.Literal`` builds one per value)."""
+    quote: Callable[[Any], bytes] = psycopg.adapt.Transformer.from_context(raw).as_literal
+    return quote
+
+
+def _execute_sql(
+    statement: Prepared, args: Sequence[Any], literal: Callable[[Any], bytes]
+) -> bytes:
+    """``EXECUTE name(literals)``: ``statement`` with ``args``, for a simple-protocol
+    message."""
+    name = statement.name.encode()
+    if not args:
+        return b"EXECUTE " + name
+    return b"EXECUTE " + name + b"(" + b", ".join(literal(arg) for arg in args) + b")"
 
 
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -458,14 +466,12 @@ class Database:
         ``DEALLOCATE ALL``, so a statement prepared here can be gone: then it is prepared
         again and the transaction opened once more."""
         parts = [b"BEGIN"]
-        # One adapter context for every argument (``sql.Literal`` builds one per value).
-        literal = psycopg.adapt.Transformer.from_context(raw).as_literal
+        literal = _literal(raw)
         for opening in openings:
             statement = opening.statement
             for listener in self._listeners:
                 listener(statement.source)
-            literals = b", ".join(literal(arg) for arg in opening.args)
-            parts.append(b"EXECUTE " + statement.name.encode() + b"(" + literals + b")")
+            parts.append(_execute_sql(statement, opening.args, literal))
         query = b"; ".join(parts)
         prepared = raw.prepared_names
         for attempt in range(2):
