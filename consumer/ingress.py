@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from structlog.contextvars import bound_contextvars
 
 from consumer import wire
@@ -191,6 +191,7 @@ class IngressConsumer:
         self._retry_budget_s = retry_budget_s
         self._on_error = on_error
         self._tag: str | None = None
+        self._queue: AbstractQueue | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._closed = False
@@ -205,18 +206,21 @@ class IngressConsumer:
             asyncio.create_task(self._batch_loop(), name=f"ingress-batch-{n}")
             for n in range(BATCH_LOOPS)
         ]
-        queue = await self._consume_channel.get_queue(self._topology.names.ingress, ensure=False)
-        self._tag = await queue.consume(self._on_message, no_ack=False)
+        # ``ensure=True``: a passive declare, which on a robust channel returns the queue
+        # ``topology.declare`` registered there, so its consumer is restored after a
+        # reconnect. (``ensure=False`` makes an unregistered queue object: after the
+        # broker dropped the connection, the worker came back with no consumer at all.)
+        self._queue = await self._consume_channel.get_queue(
+            self._topology.names.ingress, ensure=True
+        )
+        self._tag = await self._queue.consume(self._on_message, no_ack=False)
 
     async def stop_consuming(self) -> None:
         """Stop taking new messages; in-flight ones finish (see :meth:`drain`)."""
         self._stopping = True
-        if self._tag is not None:
-            queue = await self._consume_channel.get_queue(
-                self._topology.names.ingress, ensure=False
-            )
+        if self._tag is not None and self._queue is not None:
             with contextlib.suppress(Exception):
-                await queue.cancel(self._tag)
+                await self._queue.cancel(self._tag)
             self._tag = None
 
     async def drain(self, timeout_s: float) -> None:

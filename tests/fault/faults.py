@@ -9,8 +9,6 @@ peer port is one of those are closed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import os
 import shutil
 import time
@@ -100,23 +98,33 @@ async def _run(*argv: str, timeout_s: float = 30.0) -> str:
 async def close_broker_connections(
     pids: Iterable[int], log: FaultLog, amqp_port: int = 5672
 ) -> int:
-    """Close (server side) every broker connection of the given worker pids."""
+    """Close (server side) every broker connection of the given worker pids; how many
+    closed.
+
+    ``rabbitmqctl close_connection`` takes the connection's Erlang pid as
+    ``list_connections`` prints it in its plain tab-separated form (not a connection name,
+    nor the JSON formatter's ``#PID<...>``, both of which it refuses).
+    """
     ports = local_ports(pids, amqp_port)
     if not ports:
         return 0
-    listing = await _run(
-        RABBITMQCTL, "list_connections", "name", "peer_port", "-q", "--formatter", "json"
-    )
-    rows = json.loads(listing or "[]")
-    names = [r["name"] for r in rows if int(r.get("peer_port", -1)) in ports]
+    listing = await _run(RABBITMQCTL, "list_connections", "pid", "peer_port", "-q")
+    connections: list[str] = []
+    for line in listing.splitlines():
+        fields = line.split("\t")
+        if len(fields) == 2 and fields[1].strip().isdigit() and int(fields[1]) in ports:
+            connections.append(fields[0].strip())
 
-    async def close(name: str) -> None:
-        with contextlib.suppress(AssertionError):  # already gone
-            await _run(RABBITMQCTL, "close_connection", name, "fault test: connection drop")
+    async def close(pid: str) -> bool:
+        try:
+            await _run(RABBITMQCTL, "close_connection", pid, "fault test: connection drop")
+        except AssertionError:  # gone since it was listed
+            return False
+        return True
 
-    await asyncio.gather(*(close(n) for n in names))
-    log.record("broker_connection_close", f"{len(names)} connections")
-    return len(names)
+    closed = sum(await asyncio.gather(*(close(pid) for pid in connections)))
+    log.record("broker_connection_close", f"{closed} of {len(connections)} connections")
+    return closed
 
 
 async def terminate_db_backends(

@@ -12,8 +12,14 @@ from tests import services
 from tests.fault import figures
 from tests.fault.conftest import HarnessFactory
 from tests.fault.faults import have_rabbitmqctl
+from tests.fault.harness import Harness
 
 pytestmark = [pytest.mark.fault, pytest.mark.postgres, pytest.mark.rabbitmq]
+
+
+async def _consuming_again(h: Harness) -> None:
+    count = await h.bus.wait_consumers(2, timeout_s=30)
+    assert count == 2, f"{count} ingress consumers 30 s after a broker drop, not 2"
 
 
 async def test_broker_connection_drops(make_harness: HarnessFactory) -> None:
@@ -26,15 +32,20 @@ async def test_broker_connection_drops(make_harness: HarnessFactory) -> None:
         # Admission: drop while the first burst is being consumed.
         await asyncio.sleep(0.15)
         dropped = [await h.drop_broker()]
+        # Each later drop waits until both workers consume again (aio-pika reconnects
+        # after its reconnect interval): a drop of nothing would test nothing.
+        await _consuming_again(h)
         # During turns: as soon as a turn runs somewhere, drop.
         running = await h.wait_any_running_turn(sessions, timeout_s=10)
         dropped.append(await h.drop_broker())
+        await _consuming_again(h)
         # While the outbox publishes: as soon as fresh events flow, drop.
         seen = len(h.bus.observed)
         with contextlib.suppress(AssertionError):
             await h.bus.wait_for(lambda: len(h.bus.observed) > seen + 2, 5, "events flowing")
         flowing = len(h.bus.observed) > seen + 2
         dropped.append(await h.drop_broker())
+        await _consuming_again(h)
         await feeder
         dropped.append(await h.drop_broker())
 
