@@ -21,6 +21,7 @@ from aio_pika.abc import AbstractChannel, AbstractConnection, AbstractIncomingMe
 
 from bench.tracker import CommitTracker
 from bench.workload import Submission
+from consumer import broker
 
 EventHandler = Callable[[CommitTracker, dict[str, Any], float], None]
 
@@ -44,7 +45,7 @@ class Observer:
         self.undecodable = 0
 
     async def start(self) -> None:
-        channel = await self._connection.channel()
+        channel = await broker.open_channel(self._connection)
         await channel.set_qos(prefetch_count=2000)
         exchange = await channel.get_exchange(self._exchange_name, ensure=True)
         queue = await channel.declare_queue(exclusive=True, auto_delete=True)

@@ -25,6 +25,8 @@ import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage
 from psycopg_pool import AsyncConnectionPool
 
+from consumer import broker
+
 COMMITTED_TYPE = "baseline.committed"
 
 CREATE_TABLE = """
@@ -86,10 +88,12 @@ async def serve(
     )
     await pool.open(wait=True)
     connection = await aio_pika.connect(amqp_url)
+    # Without aiormq's 10-frame hand-offs, as in the workers (consumer.broker).
+    broker.unbound_writes(connection)
     try:
-        consume_channel = await connection.channel()
+        consume_channel = await broker.open_channel(connection)
         await consume_channel.set_qos(prefetch_count=prefetch)
-        publish_channel = await connection.channel(publisher_confirms=True)
+        publish_channel = await broker.open_channel(connection)
         observations = await publish_channel.get_exchange(observations_name(namespace))
         queue = await consume_channel.get_queue(ingress_name(namespace))
         inbox: asyncio.Queue[AbstractIncomingMessage] = asyncio.Queue()

@@ -41,6 +41,7 @@ from bench.stats import latency_summary
 from bench.targets import ROUTING_KEY, Target
 from bench.tracker import CommitTracker
 from bench.workload import build_workload
+from consumer import broker
 
 
 @dataclass(frozen=True)
@@ -156,6 +157,9 @@ async def measure(target: Target, spec: RunSpec, opts: BenchOptions) -> dict[str
     label = f"{spec.mode}/{target.kind} W={spec.workers}"
     failed = True
     connection = await aio_pika.connect(opts.amqp_url)
+    # The bench's own publisher and observer, like the workers, without aiormq's 10-frame
+    # hand-offs (consumer.broker): they must not be what limits either system.
+    broker.unbound_writes(connection)
     try:
         async with fresh_database(opts.database_url) as database_url:
             dbname = dbname_of(database_url)
@@ -241,7 +245,7 @@ async def _measure_in(
                 _watch_dead_letters(connection, f"{namespace}.dead-letter", tracker)
             )
         )
-        publish_channel = await connection.channel(publisher_confirms=True)
+        publish_channel = await broker.open_channel(connection)
         published = await publish_workload(
             publish_channel,
             target.ingress_exchange(namespace),

@@ -32,7 +32,7 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 
-from consumer import wire
+from consumer import broker, wire
 from consumer.topology import Names, declare_compatible
 from lash_core.commands import RefreshToolCatalog, ResetSession, SessionCommand
 from lash_core.inputs import (
@@ -139,7 +139,7 @@ class Producer:
         cls, amqp_url: str, namespace: str = "lash", *, max_deliveries: int = 5
     ) -> Producer:
         """Connect, declare the topology if it is missing, and open a reply queue."""
-        connection = await aio_pika.connect_robust(amqp_url)
+        connection = await broker.connect(amqp_url)
         producer = cls(connection, namespace, owns=True)
         try:
             await producer._open(max_deliveries)
@@ -159,7 +159,7 @@ class Producer:
 
     async def _open(self, max_deliveries: int) -> None:
         await declare_compatible(self._connection, self.names.namespace, max_deliveries)
-        self._channel = await self._connection.channel(publisher_confirms=True)
+        self._channel = await broker.open_channel(self._connection)
         self._reply_queue = await self._channel.declare_queue("", exclusive=True, auto_delete=True)
         await self._reply_queue.consume(self._on_reply, no_ack=True)
 
@@ -379,7 +379,7 @@ class Producer:
         Only events published after the queue is bound arrive; recover earlier ones with
         :meth:`read` (``after_seq``).
         """
-        channel = await self._connection.channel()
+        channel = await broker.open_channel(self._connection)
         try:
             queue = await channel.declare_queue("", exclusive=True, auto_delete=True)
             await queue.bind(self.names.observations)

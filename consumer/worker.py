@@ -15,9 +15,9 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import aio_pika
 from aio_pika.abc import AbstractRobustConnection
 
+from consumer import broker
 from consumer.admission import Admission
 from consumer.dispatch import Dispatcher
 from consumer.ingress import IngressConsumer
@@ -103,13 +103,13 @@ class Worker:
         self.store = store
         await store.start()  # connects and migrates under an advisory lock
 
-        self.connection = await aio_pika.connect_robust(s.amqp_url)
-        consume = await self.connection.channel()
+        self.connection = await broker.connect(s.amqp_url)
+        consume = await broker.open_channel(self.connection)
         await consume.set_qos(prefetch_count=s.effective_prefetch)
         topology = await declare(consume, s.namespace, s.max_deliveries)
-        replies = await self.connection.channel(publisher_confirms=True)
-        outbox_channel = await self.connection.channel(publisher_confirms=True)
-        activity_channel = await self.connection.channel(publisher_confirms=False)
+        replies = await broker.open_channel(self.connection)
+        outbox_channel = await broker.open_channel(self.connection)
+        activity_channel = await broker.open_channel(self.connection, publisher_confirms=False)
         observations = await outbox_channel.get_exchange(topology.names.observations)
         live = await activity_channel.get_exchange(topology.names.observations)
 
