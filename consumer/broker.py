@@ -18,9 +18,10 @@ with fewer inputs each. And while one channel's queue was full, the connection's
 stopped for every channel, publisher confirms included.
 
 Measured with ``lash-consumer bench`` (README, Performance) on the development machine,
-one worker went from about 600 to about 780 inputs/s under Python 3.11 (the mean
-admission batch from 36 to 79 submits), and from 336 to 656-716 inputs/s under Python
-3.13 (from 10 to 75 submits).
+over three interleaved pairs of 1,000 sessions x 5 inputs: one worker went from 575 to
+677 inputs/s and two from 540 to 658, with 17% less whole-machine CPU per input at two.
+Under Python 3.11 the mean admission batch of one worker went from 36 to 79 submits;
+under Python 3.13 from 10 to 75, and its rate from 336 to 656-716 inputs/s.
 
 :func:`connect` opens a robust connection with an unbounded outgoing queue, again after
 each reconnect; :func:`open_channel` opens a channel with an unbounded incoming queue,
