@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import aio_pika
+import aiormq
 from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue
 from structlog.contextvars import bound_contextvars
 
@@ -214,6 +215,23 @@ class IngressConsumer:
             self._topology.names.ingress, ensure=True
         )
         self._tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def consuming(self) -> bool:
+        """Whether the broker delivers to this worker's ingress consumer right now.
+
+        Readiness asks this, not just "is the connection open": after a dropped
+        connection the channel may be back without the consumer (restored only for
+        queues the robust channel registered), and a worker in that state would never
+        take input again while still looking healthy. It is false while the channel is
+        down or being restored, and after :meth:`stop_consuming`.
+        """
+        if self._tag is None or self._stopping or self._consume_channel.is_closed:
+            return False
+        try:
+            channel = await self._consume_channel.get_underlay_channel()
+        except aiormq.exceptions.AMQPError:  # not opened (yet, or any more)
+            return False
+        return isinstance(channel, aiormq.Channel) and self._tag in channel.consumers
 
     async def stop_consuming(self) -> None:
         """Stop taking new messages; in-flight ones finish (see :meth:`drain`)."""

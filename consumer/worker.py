@@ -235,7 +235,7 @@ class Worker:
     # ------------------------------------------------------------------ health
 
     async def ready(self) -> tuple[bool, dict[str, str]]:
-        """Readiness: database and broker connected, started, not draining."""
+        """Readiness: database and broker connected, ingress consuming, started, not draining."""
         details: dict[str, str] = {}
         ok = self._started and not self._draining
         details["worker"] = (
@@ -253,7 +253,9 @@ class Worker:
                 ok = False
         broker_ok = self.connection is not None and not self.connection.is_closed
         details["broker"] = "ok" if broker_ok else "disconnected"
-        return ok and broker_ok, details
+        consuming = self.ingress is not None and await self.ingress.consuming()
+        details["ingress"] = "consuming" if consuming else "not consuming"
+        return ok and broker_ok and consuming, details
 
     # ------------------------------------------------------------------ stop
 

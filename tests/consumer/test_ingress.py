@@ -7,7 +7,9 @@ dead-lettering with reasons, and poison-message handling.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import uuid
 
 import pytest
@@ -19,7 +21,9 @@ from lash_core.errors import StoreUnavailable
 from lash_core.inputs import TurnInputDraft
 from lash_core.store.base import InputAdmission
 from lash_core.store.memory import InMemoryStore
+from tests import services
 from tests.consumer.harness import body, get_dead_letters, ingress_rig
+from tests.fault.faults import FaultLog, close_broker_connections, have_rabbitmqctl
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -218,3 +222,40 @@ async def test_poison_message_is_dead_lettered_after_bounded_deliveries(
         assert store.calls >= 3
         read = await rig.producer.read("s")
         assert read.last_seq == 0
+
+
+async def test_consuming_reports_the_consumer_not_just_the_connection(
+    amqp_url: str, namespace: str
+) -> None:
+    """Readiness asks :meth:`IngressConsumer.consuming`: it turns false when the channel
+    has lost the consumer (the state a worker came back in after a broker drop, before
+    the ingress consumed on the registered queue), though the connection stays open."""
+    store = InMemoryStore()
+    async with ingress_rig(store, amqp_url, namespace) as rig:
+        assert await rig.ingress.consuming()
+        channel = await rig.ingress._consume_channel.get_underlay_channel()
+        (tag,) = channel.consumers  # type: ignore[attr-defined]
+        await channel.basic_cancel(tag)
+        assert not rig.connection.is_closed
+        assert not await rig.ingress.consuming()
+    assert not await rig.ingress.consuming()  # stopped
+
+
+async def test_consuming_again_after_the_broker_drops_the_connection(
+    amqp_url: str, namespace: str
+) -> None:
+    if not have_rabbitmqctl():
+        services.missing("rabbitmqctl (to close this process's broker connection)")
+    separator = "&" if "?" in amqp_url else "?"
+    store = InMemoryStore()
+    url = f"{amqp_url}{separator}reconnect_interval=0.2"
+    async with ingress_rig(store, url, namespace) as rig:
+        assert await rig.ingress.consuming()
+        assert (await rig.producer.submit("chat-1", "before")).status == "admitted"
+        assert await close_broker_connections([os.getpid()], FaultLog()) >= 1
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 30
+        while not await rig.ingress.consuming():  # the robust channel restores it
+            assert loop.time() < deadline, "no ingress consumer 30 s after the drop"
+            await asyncio.sleep(0.05)
+        assert (await rig.producer.submit("chat-1", "after")).status == "admitted"
