@@ -365,6 +365,8 @@ async def _measure_in(
             "workers_ms_per_input": _ratio(cpu_total * 1000.0, committed),
             "postgres_ms_per_input": _ratio(machine_used.get("postgres", 0.0) * 1000.0, committed),
             "rabbitmq_ms_per_input": _ratio(machine_used.get("rabbitmq", 0.0) * 1000.0, committed),
+            # The share of the window's core time the hypervisor gave to other machines.
+            "steal_share": _ratio(machine_used.get("steal", 0.0), duration * (os.cpu_count() or 1)),
         },
         "events_by_type": dict(tracker.events_by_type),
         "outcomes": dict(tracker.outcomes),

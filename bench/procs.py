@@ -54,6 +54,17 @@ _SERVICES = {"postgres": "postgres", "beam.smp": "rabbitmq"}
 """Process names (``/proc/<pid>/comm``) of the local services -> the name reported."""
 
 
+def busy_and_steal_ticks(cpu_line: str) -> tuple[int, int]:
+    """Busy and stolen clock ticks from ``/proc/stat``'s aggregate ``cpu`` line.
+
+    Its fields are user nice system idle iowait irq softirq steal (guest time is already
+    inside user): busy is all of them but idle, iowait and steal.
+    """
+    values = [int(v) for v in cpu_line.split()[1:9]]
+    values += [0] * (8 - len(values))  # old kernels print fewer fields
+    return sum(values) - values[3] - values[4] - values[7], values[7]
+
+
 def machine_cpu_seconds() -> dict[str, float]:
     """CPU time used so far by the whole machine (``host``: busy time of every core, from
     ``/proc/stat``) and by the local PostgreSQL and RabbitMQ servers.
@@ -62,14 +73,17 @@ def machine_cpu_seconds() -> dict[str, float]:
     children (``cutime``/``cstime``): a PostgreSQL backend that exits is reaped by the
     postmaster, so the difference of two readings counts backends that came and went in
     between. On a machine where everything shares the cores, the host figure per input is
-    what bounds throughput; it includes the benchmark's own producer and observer."""
+    what bounds throughput; it includes the benchmark's own producer and observer.
+
+    ``steal`` is time the hypervisor ran someone else while this machine's cores wanted
+    to run: not work of ours, so ``host`` leaves it out, and it is reported on its own
+    (on a shared virtual machine it is what makes one run slower than the next)."""
     tick = os.sysconf("SC_CLK_TCK")
-    out = {"host": 0.0, **{name: 0.0 for name in _SERVICES.values()}}
+    out = {"host": 0.0, "steal": 0.0, **{name: 0.0 for name in _SERVICES.values()}}
     with contextlib.suppress(OSError):
-        first = Path("/proc/stat").read_text().splitlines()[0].split()
-        # user nice system idle iowait irq softirq steal: busy = all but idle and iowait.
-        values = [int(v) for v in first[1:9]]
-        out["host"] = (sum(values) - values[3] - values[4]) / tick
+        busy, steal = busy_and_steal_ticks(Path("/proc/stat").read_text().splitlines()[0])
+        out["host"] = busy / tick
+        out["steal"] = steal / tick
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue

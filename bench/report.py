@@ -21,6 +21,10 @@ def _mib(kib: int | None) -> str:
     return "-" if not kib else f"{kib / 1024:.0f}"
 
 
+def _percent(share: float | None) -> str:
+    return "-" if share is None else f"{share * 100:.0f}%"
+
+
 def _load(run: dict[str, Any]) -> tuple[str, int, int, int]:
     """What makes two runs comparable: mode, W and the workload's shape."""
     return (run["mode"], run["workers"], run["sessions"], run["inputs_per_session"])
@@ -73,6 +77,7 @@ HEADERS = (
     "amqp/turn",
     "cpu ms/turn",
     "host/pg/mq ms/input",
+    "steal",
     "RSS MiB",
 )
 
@@ -109,6 +114,7 @@ def _row(run: dict[str, Any]) -> list[str]:
             _fmt(run.get("cpu", {}).get(f"{part}_ms_per_input"), 2)
             for part in ("host", "postgres", "rabbitmq")
         ),
+        _percent(run.get("cpu", {}).get("steal_share")),
         f"{_mib(rss['end_max'])}/{_mib(rss['peak_max'])}",
     ]
 
@@ -121,7 +127,8 @@ def render_table(runs: list[dict[str, Any]]) -> str:
     under test (not the broker or the database) per turn. ``host/pg/mq ms/input``: CPU
     time per committed input of the whole machine (every process, the benchmark's own
     included), of the PostgreSQL server and of the RabbitMQ server, over the measured
-    window. RSS: the largest worker at the end / its peak.
+    window (without steal). ``steal``: the share of the window's core time the
+    hypervisor gave to other machines. RSS: the largest worker at the end / its peak.
     """
     rows = [list(HEADERS), *(_row(r) for r in runs)]
     width = max(len(r) for r in rows)

@@ -15,6 +15,7 @@ import pytest
 
 from bench.measure import RunSpec, measure
 from bench.options import BenchOptions, parse_options
+from bench.procs import busy_and_steal_ticks
 from bench.profiling import summarize_collapsed
 from bench.report import (
     attach_baseline_ratios,
@@ -68,6 +69,7 @@ def _check_run(run: dict[str, Any], inputs: int) -> None:
     # also run elsewhere (containers).
     for part in ("host", "workers", "postgres", "rabbitmq"):
         assert run["cpu"][f"{part}_ms_per_input"] >= 0
+    assert 0 <= run["cpu"]["steal_share"] <= 1
     assert run["amqp"]["publishes"] == inputs
     assert run["amqp"]["events"] >= run["turns"]
     assert run["amqp"]["per_turn"] is not None
@@ -249,3 +251,9 @@ def test_repeated_runs_pair_with_their_own_baseline_and_give_medians() -> None:
     assert parse_options(["--repeat", "3"]).repeat == 3
     with pytest.raises(SystemExit):
         parse_options(["--repeat", "0"])
+
+
+def test_host_busy_time_leaves_out_steal() -> None:
+    line = "cpu  77171 0 18097 378958 1609 0 2629 9218 0 0"
+    assert busy_and_steal_ticks(line) == (77171 + 18097 + 2629, 9218)
+    assert busy_and_steal_ticks("cpu  10 0 5 100 1") == (15, 0)
