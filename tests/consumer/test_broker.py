@@ -12,7 +12,12 @@ from aio_pika.abc import AbstractChannel, AbstractRobustConnection
 
 from consumer import broker
 from tests import services
-from tests.fault.faults import FaultLog, close_broker_connections, have_rabbitmqctl
+from tests.fault.faults import (
+    FaultLog,
+    close_broker_connections,
+    fast_reconnect,
+    have_rabbitmqctl,
+)
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -46,8 +51,7 @@ async def _round_trip(channel: AbstractChannel) -> bytes:
 async def test_the_queues_stay_unbounded_after_a_reconnect(amqp_url: str) -> None:
     if not have_rabbitmqctl():
         services.missing("rabbitmqctl (to close this process's broker connection)")
-    separator = "&" if "?" in amqp_url else "?"
-    connection = await broker.connect(f"{amqp_url}{separator}reconnect_interval=0.2")
+    connection = await broker.connect(fast_reconnect(amqp_url))
     try:
         channel = await broker.open_channel(connection)
         plain = await connection.channel()  # what aiormq makes on its own

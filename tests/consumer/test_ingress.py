@@ -23,7 +23,12 @@ from lash_core.store.base import InputAdmission
 from lash_core.store.memory import InMemoryStore
 from tests import services
 from tests.consumer.harness import body, get_dead_letters, ingress_rig
-from tests.fault.faults import FaultLog, close_broker_connections, have_rabbitmqctl
+from tests.fault.faults import (
+    FaultLog,
+    close_broker_connections,
+    fast_reconnect,
+    have_rabbitmqctl,
+)
 
 pytestmark = [pytest.mark.rabbitmq]
 
@@ -246,10 +251,8 @@ async def test_consuming_again_after_the_broker_drops_the_connection(
 ) -> None:
     if not have_rabbitmqctl():
         services.missing("rabbitmqctl (to close this process's broker connection)")
-    separator = "&" if "?" in amqp_url else "?"
     store = InMemoryStore()
-    url = f"{amqp_url}{separator}reconnect_interval=0.2"
-    async with ingress_rig(store, url, namespace) as rig:
+    async with ingress_rig(store, fast_reconnect(amqp_url), namespace) as rig:
         assert await rig.ingress.consuming()
         assert (await rig.producer.submit("chat-1", "before")).status == "admitted"
         assert await close_broker_connections([os.getpid()], FaultLog()) >= 1

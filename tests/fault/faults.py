@@ -26,6 +26,13 @@ def have_rabbitmqctl() -> bool:
     return shutil.which(RABBITMQCTL) is not None
 
 
+def fast_reconnect(amqp_url: str, interval_s: float = 0.2) -> str:
+    """``amqp_url`` with aio-pika's reconnect interval shortened (default 5 s), so a test
+    that drops its own broker connection sees the reconnect quickly."""
+    separator = "&" if "?" in amqp_url else "?"
+    return f"{amqp_url}{separator}reconnect_interval={interval_s}"
+
+
 @dataclass
 class FaultLog:
     """What was injected, for the figures."""
