@@ -23,7 +23,7 @@ from typing import Any
 import aio_pika
 from aio_pika.abc import AbstractConnection
 
-from bench import profiling, statements
+from bench import profiling, stages, statements
 from bench.amqp_io import Observer, publish_workload, queue_state
 from bench.options import BenchOptions
 from bench.procs import Fleet, machine_cpu_seconds
@@ -200,6 +200,7 @@ async def _measure_in(
     log_window = (0, 0)
     fleet = Fleet()
     tracker = CommitTracker()
+    wall = stages.WallClock.now()
     observer = Observer(
         connection, target.observations_exchange(namespace), tracker, target.handle_event
     )
@@ -295,6 +296,13 @@ async def _measure_in(
 
     committed = len(tracker.committed_at)
     turns = len(tracker.turns)
+    stage_report = None
+    if target.kind == "pipeline":
+        stage_report = stages.breakdown(
+            await stages.read_stamps(database_url),
+            {i: wall.ms(t) for i, t in tracker.published_at.items()},
+            {i: wall.ms(t) for i, t in tracker.committed_at.items()},
+        )
     statement_counts = None
     if server_log is not None:
         counts = statements.count_statements(server_log, *log_window, dbname)
@@ -324,6 +332,7 @@ async def _measure_in(
         "inputs_per_turn": _ratio(committed, turns),
         "publish_s": round(publish_s, 3),
         "latency_ms": latency_summary(tracker.latencies_ms()),
+        "stages_ms": stage_report,
         "db": {
             "xact_commit": xacts,
             "tx_per_turn": _ratio(xacts, turns),

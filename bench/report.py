@@ -236,6 +236,21 @@ def render_statements(report: dict[str, Any], top: int = 12) -> str:
     return "\n".join(lines)
 
 
+def render_stages(report: dict[str, Any]) -> str:
+    """Where latency went (bench/stages.py): stage p50/p95/p99, and the slowest inputs."""
+    slowest = report["slowest"]
+    lines = [
+        f"{'stage':<8} {'p50':>8} {'p95':>8} {'p99':>8}   "
+        f"slowest {slowest['count']} (>= {_fmt(slowest['total_ms_min'])} ms), mean"
+    ]
+    for stage, row in report["stages"].items():
+        lines.append(
+            f"{stage:<8} {_fmt(row['p50']):>8} {_fmt(row['p95']):>8} {_fmt(row['p99']):>8}   "
+            f"{_fmt(slowest['mean_ms'][stage]):>8}"
+        )
+    return "\n".join(lines)
+
+
 def write_json(path: Path, results: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")

@@ -37,6 +37,7 @@ from bench.options import BenchOptions, parse_options
 from bench.report import (
     attach_baseline_ratios,
     render_repeats,
+    render_stages,
     render_statements,
     render_table,
     summarise_repeats,
@@ -229,6 +230,9 @@ def main(argv: list[str] | None = None) -> int:
     if results.get("repeats"):
         print(f"\n{render_repeats(results['repeats'])}")
     for run in results["runs"]:
+        if run.get("mode") == "latency" and (run.get("stages_ms") or {}).get("count"):
+            print(f"\nlatency by stage, ms, {run['kind']} W={run['workers']}:")
+            print(render_stages(run["stages_ms"]))
         if run.get("statements"):
             print(f"\nSQL statements per turn, {run['mode']} W={run['workers']}:")
             print(render_statements(run["statements"]))

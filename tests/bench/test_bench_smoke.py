@@ -20,11 +20,13 @@ from bench.profiling import summarize_collapsed
 from bench.report import (
     attach_baseline_ratios,
     render_repeats,
+    render_stages,
     render_table,
     summarise_repeats,
     write_json,
 )
 from bench.run import latency_shape, run_bench
+from bench.stages import breakdown, stamps_from_events
 from bench.statements import count_statements, statements_report
 from bench.stats import latency_summary, percentile
 from bench.targets import BaselineTarget
@@ -110,6 +112,12 @@ async def test_pipeline_and_baseline_report(tmp_path: Path) -> None:
     assert pipeline["events_by_type"].get("turn.committed", 0) >= pipeline["turns"]
     assert pipeline["vs_baseline"]["inputs_per_s"] is not None
     assert runs[3]["rate_target"] == 20.0
+    # Every pipeline input is split into stages from its stored events; the baseline has none.
+    for run in (runs[1], runs[3]):
+        assert run["stages_ms"]["count"] == 6
+        assert run["stages_ms"]["stages"]["wait"]["p50"] >= 0
+    assert runs[0]["stages_ms"] is None
+    assert "egress" in render_stages(runs[3]["stages_ms"])
     path = write_json(tmp_path / "smoke.json", results)
     assert json.loads(path.read_text())["runs"][1]["inputs_committed"] == 6
     table = render_table(runs)
@@ -133,6 +141,29 @@ def test_tracker_matches_commits_by_input_id_or_source_key() -> None:
     assert sorted(tracker.latencies_ms()) == [10000.0, 10000.0, 10000.0, 11000.0]
     assert len(tracker.turns) == 3 and tracker.unmatched == 0
     assert tracker.seen_message("x:1") is False and tracker.seen_message("x:1") is True
+
+
+def test_stage_breakdown_splits_latency_at_the_stored_event_stamps() -> None:
+    rows = [
+        ("input.admitted", 1_010, {"input": {"input_id": "a"}}),
+        ("input.admitted", 1_020, {"input": {"input_id": "b"}}),
+        ("turn.started", 1_030, {"input_ids": ["a", "b"]}),
+        ("turn.started", 1_090, {"input_ids": ["a"]}),  # a replay: the first start counts
+        ("turn.committed", 1_040, {"input_ids": ["a", "b"]}),
+        ("input.admitted", 1_000, {"input": {"input_id": "c"}}),  # never started
+    ]
+    stamps = stamps_from_events(rows)
+    assert stamps["a"] == {"admitted": 1_010, "started": 1_030, "committed": 1_040}
+    assert "started" not in stamps["c"]
+    report = breakdown(
+        stamps, {"a": 1_000.0, "b": 1_000.0, "c": 990.0}, {"a": 1_045.0, "b": 1_300.0}
+    )
+    assert report["count"] == 2  # c has no start or observation
+    slowest = report["slowest"]
+    assert slowest["count"] == 1 and slowest["total_ms_min"] == 300.0  # b
+    assert slowest["mean_ms"] == {"ingress": 20.0, "wait": 10.0, "turn": 10.0, "egress": 260.0}
+    assert report["stages"]["ingress"]["p50"] == 10.0  # a's, nearest rank of [10, 20]
+    assert breakdown({}, {}, {}) == {"count": 0}
 
 
 def test_percentiles_and_summary() -> None:

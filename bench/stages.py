@@ -1,0 +1,146 @@
+"""Where each input's latency went: publish, admission, turn start, commit, observation.
+
+The publish-to-committed latency alone says how slow the slowest inputs were, not why.
+The stored events say more: ``input.admitted``, ``turn.started`` and ``turn.committed``
+each carry ``created_at_ms``, stamped by the worker's clock when it wrote them. Read
+from the run's database after the run (so measuring costs the workers nothing) and
+joined with the bench's own publish and observation times (the same machine's wall
+clock), they split every input's latency into four stages:
+
+``ingress``
+    publish call -> admitted: the broker, the worker's prefetch and admission batch, and
+    the admission transaction up to its timestamp.
+``wait``
+    admitted -> turn started: the wake-up (a kick, or a ``work`` notification to the
+    worker that publishes the session), a drain slot, and the lease acquisition.
+``turn``
+    turn started -> commit stamped: running the turn (the echo model) up to building the
+    commit.
+``egress``
+    commit stamped -> ``turn.committed`` seen: the commit transaction, the outbox relay's
+    publish and the fanout to the bench's observer.
+
+Timestamps have millisecond resolution, so stages under a millisecond read as 0 or 1.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from bench.stats import percentile
+
+STAGES = ("ingress", "wait", "turn", "egress")
+
+_EVENTS_SQL = """
+SELECT type, created_at_ms, payload
+FROM lash_events
+WHERE type IN ('input.admitted', 'turn.started', 'turn.committed')
+"""
+
+
+@dataclass
+class WallClock:
+    """Maps the bench's ``perf_counter`` readings onto the wall clock workers stamp with."""
+
+    offset_s: float
+
+    @classmethod
+    def now(cls) -> WallClock:
+        return cls(time.time() - time.perf_counter())
+
+    def ms(self, perf_s: float) -> float:
+        return (perf_s + self.offset_s) * 1000.0
+
+
+def stamps_from_events(rows: Iterable[tuple[str, int, Any]]) -> dict[str, dict[str, int]]:
+    """Per input id: the ``created_at_ms`` of its admission, turn start and commit events.
+
+    An input a turn started with is named by that ``turn.started`` (the first one, if a
+    replay started it again); its commit is the ``turn.committed`` naming it."""
+    stamps: dict[str, dict[str, int]] = {}
+    for event_type, created_at_ms, payload in rows:
+        if not isinstance(payload, dict):
+            continue
+        if event_type == "input.admitted":
+            record = payload.get("input") or {}
+            input_ids = [record.get("input_id")] if isinstance(record, dict) else []
+            key = "admitted"
+        elif event_type == "turn.started":
+            input_ids = list(payload.get("input_ids") or [])
+            key = "started"
+        else:
+            input_ids = list(payload.get("input_ids") or [])
+            key = "committed"
+        for input_id in input_ids:
+            if input_id is None:
+                continue
+            seen = stamps.setdefault(str(input_id), {})
+            if key not in seen or created_at_ms < seen[key]:
+                seen[key] = int(created_at_ms)
+    return stamps
+
+
+def breakdown(
+    stamps: Mapping[str, Mapping[str, int]],
+    published_ms: Mapping[str, float],
+    observed_ms: Mapping[str, float],
+    *,
+    slowest_share: float = 0.01,
+) -> dict[str, Any]:
+    """Stage percentiles over every input, and the stages of the slowest inputs.
+
+    ``slowest`` averages each stage over the slowest ``slowest_share`` of inputs (at
+    least one), by total latency: the stage that dominates there is what sets the p99.
+    """
+    rows: list[tuple[float, dict[str, float]]] = []
+    for input_id, seen in stamps.items():
+        published = published_ms.get(input_id)
+        observed = observed_ms.get(input_id)
+        if published is None or observed is None:
+            continue
+        if not {"admitted", "started", "committed"} <= seen.keys():
+            continue
+        stages = {
+            "ingress": seen["admitted"] - published,
+            "wait": float(seen["started"] - seen["admitted"]),
+            "turn": float(seen["committed"] - seen["started"]),
+            "egress": observed - seen["committed"],
+        }
+        rows.append((observed - published, stages))
+    if not rows:
+        return {"count": 0}
+    rows.sort(key=lambda row: row[0])
+    per_stage: dict[str, Any] = {}
+    for stage in STAGES:
+        values = sorted(stages[stage] for _, stages in rows)
+        per_stage[stage] = {
+            "p50": round(percentile(values, 50), 1),
+            "p95": round(percentile(values, 95), 1),
+            "p99": round(percentile(values, 99), 1),
+        }
+    slowest = rows[-max(1, round(len(rows) * slowest_share)) :]
+    return {
+        "count": len(rows),
+        "stages": per_stage,
+        "slowest": {
+            "count": len(slowest),
+            "total_ms_min": round(slowest[0][0], 1),
+            "mean_ms": {
+                stage: round(sum(s[stage] for _, s in slowest) / len(slowest), 1)
+                for stage in STAGES
+            },
+        },
+    }
+
+
+async def read_stamps(database_url: str) -> dict[str, dict[str, int]]:
+    """The stamps of every input in the run's database (see :func:`stamps_from_events`)."""
+    async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
+        cur = await conn.execute(_EVENTS_SQL)
+        rows = await cur.fetchall()
+    return stamps_from_events(rows)
