@@ -2,23 +2,24 @@
 
 The publish-to-committed latency alone says how slow the slowest inputs were, not why.
 The stored events say more: ``input.admitted``, ``turn.started`` and ``turn.committed``
-each carry ``created_at_ms``, stamped by the worker's clock when it wrote them. Read
-from the run's database after the run (so measuring costs the workers nothing) and
-joined with the bench's own publish and observation times (the same machine's wall
-clock), they split every input's latency into four stages:
+each carry ``created_at_ms``. The first two are the start of the transaction that wrote
+them (PostgreSQL's ``transaction_timestamp()``), the third the moment the worker built
+the commit. Read from the run's database after the run (so measuring costs the workers
+nothing) and joined with the bench's own publish and observation times (the same
+machine's wall clock), they split every input's latency into four stages:
 
 ``ingress``
-    publish call -> admitted: the broker, the worker's prefetch and admission batch, and
-    the admission transaction up to its timestamp.
+    publish call -> admission transaction begins: the broker, the worker's prefetch
+    and its admission batch.
 ``wait``
-    admitted -> turn started: the wake-up (a kick, or a ``work`` notification to the
-    worker that publishes the session), a drain slot, and the lease acquisition.
+    -> acquiring transaction begins: the admission transaction, the wake-up (a kick, or
+    a ``work`` notification to the worker that publishes the session) and a drain slot.
 ``turn``
-    turn started -> commit stamped: running the turn (the echo model) up to building the
-    commit.
+    -> commit built: the lease acquisition and turn start, and running the turn (the
+    echo model).
 ``egress``
-    commit stamped -> ``turn.committed`` seen: the commit transaction, the outbox relay's
-    publish and the fanout to the bench's observer.
+    -> ``turn.committed`` seen: the commit transaction, the outbox relay's publish and
+    the fanout to the bench's observer.
 
 Timestamps have millisecond resolution, so stages under a millisecond read as 0 or 1.
 """
