@@ -216,6 +216,8 @@ async def _measure_in(
             )
             if index == 0 and spec.profiler == "pyinstrument" and spec.profile_path is not None:
                 argv = profiling.pyinstrument_command(argv, spec.profile_path)
+            if opts.nice:
+                argv = ["nice", "-n", str(opts.nice), *argv]  # nice execs: the same pid
             await fleet.start(f"{target.kind}-{index}", argv, env, log_dir)
         await _wait_ready(
             connection,

@@ -53,6 +53,10 @@ class BenchOptions:
     # Seconds to measure the idle transaction rate before each run (0 = skip).
     idle_probe_s: float = 3.0
     worker_env: dict[str, str] = field(default_factory=dict)
+    # Niceness of the processes under test (workers, baseline): above 0, the bench's
+    # publisher and observer, stand-ins for producers and UIs on other machines, are not
+    # starved by them on a machine they share.
+    nice: int = 0
     progress: bool = True
     keep_logs: bool = False
 
@@ -146,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds to measure idle DB tx/s per run (default 3; 0=off)",
     )
     add("--worker-env", type=_env_pair, action="append", default=[], metavar="NAME=VALUE")
+    add(
+        "--nice",
+        type=int,
+        help="run the workers and baseline at this niceness (default 0; e.g. 10 keeps the "
+        "bench's publisher and observer from being starved by them)",
+    )
     add("--no-progress", action="store_true", help="no progress line on stderr")
     add("--keep-logs", action="store_true", help="keep worker logs even when runs succeed")
     add("--quick", action="store_true", help="small, fast defaults (W=1,2; 20 sessions x 3)")
@@ -180,6 +190,7 @@ def parse_options(argv: list[str] | None = None) -> BenchOptions:
         "json_path": args.json_path,
         "stall_timeout_s": args.stall_timeout,
         "idle_probe_s": args.idle_probe,
+        "nice": args.nice,
     }
     for name, value in explicit.items():
         if value is not None:

@@ -84,7 +84,7 @@ def _check_run(run: dict[str, Any], inputs: int) -> None:
 @pytest.mark.postgres
 @pytest.mark.rabbitmq
 async def test_baseline_run_counts_every_input(tmp_path: Path) -> None:
-    opts = _options(tmp_path)
+    opts = _options(tmp_path, nice=5)  # the processes under test run under nice(1)
     run = await measure(BaselineTarget(), RunSpec("throughput", 1, 3, 2, 4), opts)
     _check_run(run, 6)
     assert run["kind"] == "baseline"
@@ -239,6 +239,7 @@ def test_report_ratio_and_options() -> None:
     opts = parse_options(["--quick", "--workers", "1,3", "--modes", "all", "--rate", "5"])
     assert opts.workers == [1, 3] and opts.sessions == 20 and opts.rate == 5.0
     assert opts.modes == ["throughput", "latency", "scale"] and opts.latency_w == 3
+    assert opts.nice == 0 and parse_options(["--nice", "10"]).nice == 10
 
 
 def test_repeated_runs_pair_with_their_own_baseline_and_give_medians() -> None:
