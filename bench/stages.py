@@ -33,15 +33,14 @@ from typing import Any
 
 import psycopg
 
-from bench.stats import percentile
+from bench.stats import latency_summary
 
 STAGES = ("ingress", "wait", "turn", "egress")
 
-_EVENTS_SQL = """
-SELECT type, created_at_ms, payload
-FROM lash_events
-WHERE type IN ('input.admitted', 'turn.started', 'turn.committed')
-"""
+#: The stored events that stamp an input, and the name of the stamp each gives.
+_STAMPS = {"input.admitted": "admitted", "turn.started": "started", "turn.committed": "committed"}
+
+_EVENTS_SQL = "SELECT type, created_at_ms, payload FROM lash_events WHERE type = ANY(%s)"
 
 
 @dataclass
@@ -65,18 +64,14 @@ def stamps_from_events(rows: Iterable[tuple[str, int, Any]]) -> dict[str, dict[s
     replay started it again); its commit is the ``turn.committed`` naming it."""
     stamps: dict[str, dict[str, int]] = {}
     for event_type, created_at_ms, payload in rows:
-        if not isinstance(payload, dict):
+        key = _STAMPS.get(event_type)
+        if key is None or not isinstance(payload, dict):
             continue
-        if event_type == "input.admitted":
-            record = payload.get("input") or {}
+        if key == "admitted":
+            record = payload.get("input")
             input_ids = [record.get("input_id")] if isinstance(record, dict) else []
-            key = "admitted"
-        elif event_type == "turn.started":
-            input_ids = list(payload.get("input_ids") or [])
-            key = "started"
         else:
             input_ids = list(payload.get("input_ids") or [])
-            key = "committed"
         for input_id in input_ids:
             if input_id is None:
                 continue
@@ -104,7 +99,7 @@ def breakdown(
         observed = observed_ms.get(input_id)
         if published is None or observed is None:
             continue
-        if not {"admitted", "started", "committed"} <= seen.keys():
+        if not seen.keys() >= set(_STAMPS.values()):
             continue
         stages = {
             "ingress": seen["admitted"] - published,
@@ -116,14 +111,7 @@ def breakdown(
     if not rows:
         return {"count": 0}
     rows.sort(key=lambda row: row[0])
-    per_stage: dict[str, Any] = {}
-    for stage in STAGES:
-        values = sorted(stages[stage] for _, stages in rows)
-        per_stage[stage] = {
-            "p50": round(percentile(values, 50), 1),
-            "p95": round(percentile(values, 95), 1),
-            "p99": round(percentile(values, 99), 1),
-        }
+    per_stage = {stage: latency_summary([s[stage] for _, s in rows]) for stage in STAGES}
     slowest = rows[-max(1, round(len(rows) * slowest_share)) :]
     return {
         "count": len(rows),
@@ -142,6 +130,6 @@ def breakdown(
 async def read_stamps(database_url: str) -> dict[str, dict[str, int]]:
     """The stamps of every input in the run's database (see :func:`stamps_from_events`)."""
     async with await psycopg.AsyncConnection.connect(database_url, autocommit=True) as conn:
-        cur = await conn.execute(_EVENTS_SQL)
+        cur = await conn.execute(_EVENTS_SQL, (list(_STAMPS),))
         rows = await cur.fetchall()
     return stamps_from_events(rows)
