@@ -8,11 +8,14 @@ percentiles, the profile summary, the table) are checked without services.
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 
+from bench.amqp_io import publish_workload
 from bench.measure import RunSpec, measure
 from bench.options import BenchOptions, parse_options
 from bench.procs import busy_and_steal_ticks
@@ -31,7 +34,8 @@ from bench.statements import count_statements, statements_report
 from bench.stats import latency_summary, percentile
 from bench.targets import BaselineTarget
 from bench.tracker import CommitTracker
-from bench.workload import build_workload
+from bench.workload import SUBMIT_TYPE, build_workload
+from consumer import broker
 from tests import services
 
 
@@ -289,3 +293,46 @@ def test_host_busy_time_leaves_out_steal() -> None:
     line = "cpu  77171 0 18097 378958 1609 0 2629 9218 0 0"
     assert busy_and_steal_ticks(line) == (77171 + 18097 + 2629, 9218)
     assert busy_and_steal_ticks("cpu  10 0 5 100 1") == (15, 0)
+
+
+@pytest.mark.rabbitmq
+async def test_publisher_writes_bursts_in_batches_and_paced_runs_one_by_one() -> None:
+    """Every submission reaches the broker confirmed, as a persistent submit with its own
+    message id; a burst is stamped once per batch, a paced run once per message."""
+    tag = uuid.uuid4().hex[:8]
+    connection = await aio_pika.connect(services.base_amqp_url())
+    try:
+        channel = await broker.open_channel(connection)
+        exchange = await channel.declare_exchange(f"lashtbench-{tag}", auto_delete=True)
+        queue = await channel.declare_queue(f"lashtbench-{tag}", auto_delete=True)
+        await queue.bind(exchange, routing_key=SUBMIT_TYPE)
+        burst = build_workload(35, 2, tag=f"{tag}a")
+        tracker = CommitTracker()
+        sent = await publish_workload(
+            channel, exchange.name, SUBMIT_TYPE, burst, tracker, batch_size=32
+        )
+        assert sent == 70
+        assert set(tracker.published_at) == {s.input_id for s in burst}
+        stamps = [tracker.published_at[s.input_id] for s in burst]
+        assert len(set(stamps)) == 3  # 32 + 32 + 6
+        assert stamps[0] == stamps[31] != stamps[32]
+
+        paced = build_workload(4, 1, tag=f"{tag}b")
+        paced_tracker = CommitTracker()
+        await publish_workload(channel, exchange.name, SUBMIT_TYPE, paced, paced_tracker, rate=20.0)
+        assert len(set(paced_tracker.published_at.values())) == 4
+
+        received = []
+        async with queue.iterator(no_ack=True) as messages:
+            async for message in messages:
+                received.append(message)
+                if len(received) == 74:
+                    break
+        assert [json.loads(m.body)["input_id"] for m in received] == [
+            s.input_id for s in [*burst, *paced]
+        ]
+        assert all(m.delivery_mode == aio_pika.DeliveryMode.PERSISTENT for m in received)
+        assert all(m.type == SUBMIT_TYPE for m in received)
+        assert len({m.message_id for m in received}) == 74
+    finally:
+        await connection.close()
