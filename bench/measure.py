@@ -150,6 +150,12 @@ def _ratio(numerator: float, denominator: float) -> float | None:
     return round(numerator / denominator, 3) if denominator else None
 
 
+def latency_window_s(publish_s: float) -> float:
+    """The window of a paced run's latency over time: a tenth of its publishing, at least
+    5 s (so a window holds a few hundred inputs at the usual rates)."""
+    return max(5.0, round(publish_s / 10.0))
+
+
 async def measure(target: Target, spec: RunSpec, opts: BenchOptions) -> dict[str, Any]:
     """Run ``spec`` against ``target``; return the result record (fields: bench/README.md)."""
     namespace = unique_namespace(opts.namespace_prefix)
@@ -334,6 +340,9 @@ async def _measure_in(
         "inputs_per_turn": _ratio(committed, turns),
         "publish_s": round(publish_s, 3),
         "latency_ms": latency_summary(tracker.latencies_ms()),
+        "latency_windows": (
+            tracker.latency_windows(latency_window_s(publish_s)) if spec.rate else None
+        ),
         "stages_ms": stage_report,
         "db": {
             "xact_commit": xacts,

@@ -251,6 +251,17 @@ def render_stages(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def render_windows(windows: list[dict[str, Any]]) -> str:
+    """A paced run's latency by publish time (``CommitTracker.latency_windows``)."""
+    lines = [f"{'from s':>7} {'inputs':>7} {'p50':>8} {'p95':>8} {'p99':>8} {'max':>8}"]
+    for row in windows:
+        lines.append(
+            f"{_fmt(row['start_s']):>7} {row['count']:>7} {_fmt(row['p50']):>8} "
+            f"{_fmt(row['p95']):>8} {_fmt(row['p99']):>8} {_fmt(row['max']):>8}"
+        )
+    return "\n".join(lines)
+
+
 def write_json(path: Path, results: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=False) + "\n")

@@ -40,6 +40,7 @@ from bench.report import (
     render_stages,
     render_statements,
     render_table,
+    render_windows,
     summarise_repeats,
     write_json,
 )
@@ -233,6 +234,9 @@ def main(argv: list[str] | None = None) -> int:
         if run.get("mode") == "latency" and (run.get("stages_ms") or {}).get("count"):
             print(f"\nlatency by stage, ms, {run['kind']} W={run['workers']}:")
             print(render_stages(run["stages_ms"]))
+        if run.get("mode") == "latency" and len(run.get("latency_windows") or []) > 1:
+            print(f"\nlatency over the run, ms, {run['kind']} W={run['workers']}:")
+            print(render_windows(run["latency_windows"]))
         if run.get("statements"):
             print(f"\nSQL statements per turn, {run['mode']} W={run['workers']}:")
             print(render_statements(run["statements"]))

@@ -21,6 +21,9 @@ from bench.resources import plain_postgres_url
 
 _STATEMENT = re.compile(r"LOG:\s+(?:statement|execute [^:]*): (.*)")
 _SPACES = re.compile(r"\s+")
+# Literals, so statements sent as ``EXECUTE name('session', 42)`` (the store's pipelined
+# transactions, lash_core/store/postgres/db.py) count as one shape, not one per session.
+_LITERALS = re.compile(r"'(?:[^']|'')*'|\b\d+\b")
 
 
 async def server_log_path(server_url: str) -> Path | None:
@@ -77,7 +80,7 @@ def count_statements(path: Path, start: int, end: int, dbname: str) -> Counter[s
         while not statement.strip() and follow < len(lines) and lines[follow][:1] in "\t ":
             statement = lines[follow]
             follow += 1
-        statement = _SPACES.sub(" ", statement).strip() or "(empty)"
+        statement = _SPACES.sub(" ", _LITERALS.sub("?", statement)).strip() or "(empty)"
         counts[statement[:120]] += 1
     return counts
 

@@ -15,6 +15,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from bench.stats import latency_summary
 from bench.workload import Submission
 
 
@@ -140,6 +141,24 @@ class CommitTracker:
             (done - self.published_at[i]) * 1000.0
             for i, done in self.committed_at.items()
             if i in self.published_at
+        ]
+
+    def latency_windows(self, window_s: float) -> list[dict[str, float | int]]:
+        """Latency by when inputs were published, in windows of ``window_s`` from the first
+        publish: whether a long paced run's latency grows as it goes (state that piles up)
+        or is the same throughout (a steady load's queueing)."""
+        if window_s <= 0 or self.first_publish is None:
+            return []
+        windows: dict[int, list[float]] = {}
+        for input_id, done in self.committed_at.items():
+            at = self.published_at.get(input_id)
+            if at is None:
+                continue
+            index = int((at - self.first_publish) // window_s)
+            windows.setdefault(index, []).append((done - at) * 1000.0)
+        return [
+            {"start_s": round(index * window_s, 1), **latency_summary(values)}
+            for index, values in sorted(windows.items())
         ]
 
     @property

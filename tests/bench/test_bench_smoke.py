@@ -16,7 +16,7 @@ import aio_pika
 import pytest
 
 from bench.amqp_io import publish_workload
-from bench.measure import RunSpec, measure
+from bench.measure import RunSpec, latency_window_s, measure
 from bench.options import BenchOptions, parse_options
 from bench.procs import busy_and_steal_ticks
 from bench.profiling import summarize_collapsed
@@ -25,6 +25,7 @@ from bench.report import (
     render_repeats,
     render_stages,
     render_table,
+    render_windows,
     summarise_repeats,
     write_json,
 )
@@ -121,6 +122,9 @@ async def test_pipeline_and_baseline_report(tmp_path: Path) -> None:
         assert run["stages_ms"]["count"] == 6
         assert run["stages_ms"]["stages"]["wait"]["p50"] >= 0
     assert runs[0]["stages_ms"] is None
+    # Paced runs also give their latency over time; bursts do not.
+    assert sum(w["count"] for w in runs[3]["latency_windows"]) == 6
+    assert runs[1]["latency_windows"] is None
     assert "egress" in render_stages(runs[3]["stages_ms"])
     path = write_json(tmp_path / "smoke.json", results)
     assert json.loads(path.read_text())["runs"][1]["inputs_committed"] == 6
@@ -170,6 +174,24 @@ def test_stage_breakdown_splits_latency_at_the_stored_event_stamps() -> None:
     assert breakdown({}, {}, {}) == {"count": 0}
 
 
+def test_latency_windows_group_inputs_by_publish_time() -> None:
+    tracker = CommitTracker()
+    subs = build_workload(4, 1, tag="win")
+    tracker.expect(subs)
+    # Published at 100.0, 101.0, 106.0, 112.0; each takes 10, 20, 30, 40 ms.
+    for sub, at, took in zip(subs, (100.0, 101.0, 106.0, 112.0), (10, 20, 30, 40), strict=True):
+        tracker.published(sub.input_id, at)
+        tracker.committed(f"turn-{sub.input_id}", [sub.input_id], at=at + took / 1000.0)
+    windows = tracker.latency_windows(5.0)
+    assert [(w["start_s"], w["count"]) for w in windows] == [(0.0, 2), (5.0, 1), (10.0, 1)]
+    assert windows[0]["max"] == pytest.approx(20.0)
+    assert windows[2]["p50"] == pytest.approx(40.0)
+    assert tracker.latency_windows(0) == [] and CommitTracker().latency_windows(5.0) == []
+    table = render_windows(windows)
+    assert len(table.splitlines()) == 4 and "10.0" in table
+    assert latency_window_s(30.0) == 5.0 and latency_window_s(300.0) == 30.0
+
+
 def test_percentiles_and_summary() -> None:
     values = [float(v) for v in range(1, 101)]
     assert percentile(values, 50) == 50.0
@@ -202,11 +224,22 @@ def test_statement_counting_from_a_server_log(tmp_path: Path) -> None:
         "2026-11-21 21:00:00.006 UTC [2] postgres@lash_bench_x LOG:  execute <unnamed>: \n"
         "\t    UPDATE lash_leases\n"
         "\t    SET x = 1\n"
+        "2026-11-21 21:00:00.007 UTC [2] postgres@lash_bench_x LOG:  statement: "
+        "BEGIN; EXECUTE lash_lock_lease('s-1', 7)\n"
+        "2026-11-21 21:00:00.008 UTC [2] postgres@lash_bench_x LOG:  statement: "
+        "BEGIN; EXECUTE lash_lock_lease('it''s s-2', 12)\n"
     )
     counts = count_statements(log, 0, log.stat().st_size, "lash_bench_x")
-    assert counts == {"BEGIN": 2, "SELECT 1": 1, "COMMIT": 1, "UPDATE lash_leases": 1}
+    # Literals are masked, so one statement shape is one count whatever its arguments.
+    assert counts == {
+        "BEGIN": 2,
+        "SELECT ?": 1,
+        "COMMIT": 1,
+        "UPDATE lash_leases": 1,
+        "BEGIN; EXECUTE lash_lock_lease(?, ?)": 2,
+    }
     report = statements_report(counts, turns=2)
-    assert report["total"] == 5 and report["per_turn"] == 2.5
+    assert report["total"] == 7 and report["per_turn"] == 3.5
     assert report["top"][0] == {"statement": "BEGIN", "count": 2, "per_turn": 1.0}
 
 
@@ -303,8 +336,9 @@ async def test_publisher_writes_bursts_in_batches_and_paced_runs_one_by_one() ->
     connection = await aio_pika.connect(services.base_amqp_url())
     try:
         channel = await broker.open_channel(connection)
+        # Exclusive: the queue goes with the connection, whatever the test does.
         exchange = await channel.declare_exchange(f"lashtbench-{tag}", auto_delete=True)
-        queue = await channel.declare_queue(f"lashtbench-{tag}", auto_delete=True)
+        queue = await channel.declare_queue(f"lashtbench-{tag}", exclusive=True)
         await queue.bind(exchange, routing_key=SUBMIT_TYPE)
         burst = build_workload(35, 2, tag=f"{tag}a")
         tracker = CommitTracker()
