@@ -112,8 +112,8 @@ async def publish_workload(
     tick (one message at the usual rates). One ``exchange.publish`` task per message
     cost the bench about four times the CPU, and on a machine the workers share that
     slowed the burst itself down, so a session's inputs arrived further apart the more
-    workers competed with the publisher. At most ``max_in_flight`` messages await their
-    confirmation at once.
+    workers competed with the publisher. At most ``max_in_flight // batch_size`` batches
+    await their confirmations at once (``max_in_flight`` messages in a burst).
 
     Returns the number of messages published. The publish time of each input is taken
     just before its batch is written, on the same clock the observer stamps commits with.

@@ -353,7 +353,7 @@ async def test_publisher_writes_bursts_in_batches_and_paced_runs_one_by_one() ->
 
         paced = build_workload(4, 1, tag=f"{tag}b")
         paced_tracker = CommitTracker()
-        await publish_workload(channel, exchange.name, SUBMIT_TYPE, paced, paced_tracker, rate=20.0)
+        await publish_workload(channel, exchange.name, SUBMIT_TYPE, paced, paced_tracker, rate=10.0)
         assert len(set(paced_tracker.published_at.values())) == 4
 
         received = []
