@@ -87,9 +87,7 @@ async def serve(
         open=False,
     )
     await pool.open(wait=True)
-    connection = await aio_pika.connect(amqp_url)
-    # Without aiormq's 10-frame hand-offs, as in the workers (consumer.broker).
-    broker.unbound_writes(connection)
+    connection = await broker.connect_plain(amqp_url)
     try:
         consume_channel = await broker.open_channel(connection)
         await consume_channel.set_qos(prefetch_count=prefetch)

@@ -162,10 +162,7 @@ async def measure(target: Target, spec: RunSpec, opts: BenchOptions) -> dict[str
     log_dir = Path(tempfile.mkdtemp(prefix=f"lash-bench-{target.kind}-"))
     label = f"{spec.mode}/{target.kind} W={spec.workers}"
     failed = True
-    connection = await aio_pika.connect(opts.amqp_url)
-    # The bench's own publisher and observer, like the workers, without aiormq's 10-frame
-    # hand-offs (consumer.broker): they must not be what limits either system.
-    broker.unbound_writes(connection)
+    connection = await broker.connect_plain(opts.amqp_url)
     try:
         async with fresh_database(opts.database_url) as database_url:
             dbname = dbname_of(database_url)
