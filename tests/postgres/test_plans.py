@@ -9,14 +9,12 @@ A temporary table stands in for a new ``lash_events``: autovacuum never analyzes
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import psycopg
 import pytest
 
 from lash_core.store.postgres import PostgresStore
-from lash_core.store.postgres import store as store_module
 from lash_core.store.postgres.db import text
 from lash_core.store.postgres.store import _BULK_ACCESS
 from lash_core.store.postgres.urls import libpq_url
@@ -87,63 +85,3 @@ async def test_bulk_access_turns_them_on_for_its_transaction_only(
         after = list((await conn.execute(_SETTINGS)).one())
     assert inside == ["on", "on", "on"]
     assert after == ["off", "off", "off"]
-
-
-# A session with a long history (3,000 completed inputs) and one open input, beside many
-# short sessions: what a generic plan is estimated from.
-_HISTORY = (
-    "INSERT INTO lash_pending_inputs (input_id, session_id, enqueue_seq, source_key, ingress,"
-    " submitted_ingress, state, input, enqueued_at_ms)"
-    " SELECT 'ti-plan-' || g, CASE WHEN g <= 3000 THEN 's-plan-long' ELSE 's-plan-' || g END,"
-    " g, 'k' || g, '{}', '{}', CASE WHEN g = 3000 THEN 'deferred_next_turn' ELSE 'completed'"
-    " END, '{}', 0 FROM generate_series(1, 6000) g"
-)
-
-
-async def _kept_plan(raw: psycopg.AsyncConnection[Any], prepare: str, execute: str) -> str:
-    await raw.execute(prepare, prepare=False)
-    rows = await (await raw.execute(f"EXPLAIN {execute}", prepare=False)).fetchall()
-    return "\n".join(str(r[0]) for r in rows)
-
-
-async def test_rows_named_by_id_are_found_by_primary_key_not_by_walking_the_session(
-    stores: tuple[PostgresStore, PostgresStore],
-) -> None:
-    """The claim's write and the commit's head read (and its completion, written the same
-    way) find inputs by ``input_id``: a session's long history must not be walked."""
-    store, _ = stores
-    head = store_module._COMMIT_HEAD
-    write = store_module._WRITE_INPUTS_SQL.replace(":w_rows", "$2").replace(":w_s", "$1")
-    async with store.database.single() as conn:
-        raw = conn._raw  # the pooled connection: generic plans, keyed access only
-        await raw.execute("BEGIN", prepare=False)
-        try:
-            await raw.execute(_HISTORY, prepare=False)
-            head_plan = await _kept_plan(
-                raw,
-                head.prepare_sql.replace(f"PREPARE {head.name}(", "PREPARE plan_head(", 1),
-                "EXECUTE plan_head('s-plan-long', 't', 't', '{ti-plan-3000}', '{}', 't', true)",
-            )
-            write_plan = await _kept_plan(
-                raw,
-                f"PREPARE plan_write(text, text) AS {write}",
-                "EXECUTE plan_write('s-plan-long', '[]')",
-            )
-            control = await _kept_plan(
-                raw,
-                "PREPARE plan_by_session(text, text[]) AS SELECT claim_id FROM"
-                " lash_pending_inputs WHERE session_id = $1 AND input_id = ANY($2) FOR UPDATE",
-                "EXECUTE plan_by_session('s-plan-long', '{ti-plan-3000}')",
-            )
-        finally:
-            await raw.execute("ROLLBACK", prepare=False)  # the rows go; PREPARE stays
-            for name in ("plan_head", "plan_write", "plan_by_session"):
-                with contextlib.suppress(psycopg.errors.InvalidSqlStatementName):
-                    await raw.execute(f"DEALLOCATE {name}", prepare=False)
-    assert "lash_pending_inputs_pkey" in head_plan, head_plan
-    assert "ix_lash_pending_inputs_seq" not in head_plan, head_plan
-    assert "lash_session_commands_pkey" in head_plan, head_plan
-    assert "lash_pending_inputs_pkey" in write_plan, write_plan
-    assert "ix_lash_pending_inputs_seq" not in write_plan, write_plan
-    # The control: written with ``=``, the same lookup walks the session's index.
-    assert "lash_pending_inputs_pkey" not in control, control

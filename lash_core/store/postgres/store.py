@@ -245,17 +245,6 @@ def _numbered(
     ]
 
 
-#: Rows named by id (an input's ``input_id``, a command's ``batch_id``: primary keys) are
-#: checked against their session with ``IS NOT DISTINCT FROM``, never ``=``. With ``=`` the
-#: session's column is an index condition too, and the generic plan a connection keeps
-#: (``plan_cache_mode=force_generic_plan``, estimated from the average session) walked
-#: the session's index over every input the session ever had, then filtered by id: on a
-#: session with 3,000 inputs behind it each such statement read 82 buffers in 0.3-0.5 ms,
-#: against 3 buffers in 0.02 ms through the primary key, and three of them run per turn
-#: (the claim's write, the commit's head read and its completion). For these NOT NULL
-#: columns the two tests agree; ``IS NOT DISTINCT FROM`` is one no index serves, so the
-#: primary key is the only way in (``tests/postgres/test_plans.py``).
-#:
 #: Writes state, ingress and claim columns of the rows in ``:w_rows`` (a JSON array built
 #: by :func:`_input_write_params`: one parameter, which costs far less to bind than a column
 #: array each); usable alone or as a CTE of a larger statement.
@@ -272,7 +261,7 @@ _WRITE_INPUTS_SQL = """
              claim_id text, claim_owner_id text, claim_owner_incarnation_id text,
              claim_owner_liveness text, claim_token text,
              claim_session_lease_generation bigint)
-    WHERE p.input_id = v.input_id AND p.session_id IS NOT DISTINCT FROM :w_s
+    WHERE p.input_id = v.input_id AND p.session_id = :w_s
     RETURNING p.input_id
 """
 _WRITE_INPUTS = text(_WRITE_INPUTS_SQL)
@@ -358,18 +347,17 @@ _CLEARED_CLAIM_SQL = """claim_id = NULL, claim_owner_id = NULL, claim_owner_inca
 _DONE_CTE = f"""done AS (
     UPDATE lash_pending_inputs SET state = 'completed', terminal_at_ms = :enow,
         {_CLEARED_CLAIM_SQL}
-    WHERE input_id = ANY(:ids) AND session_id IS NOT DISTINCT FROM :es
+    WHERE session_id = :es AND input_id = ANY(:ids)
         AND EXISTS (SELECT 1 FROM ses) RETURNING 1)"""
 _CMDS_CTE = f"""cmds AS (
     UPDATE lash_session_commands SET state = 'completed', terminal_at_ms = :enow,
         {_CLEARED_CLAIM_SQL}
-    WHERE batch_id = ANY(:bids) AND session_id IS NOT DISTINCT FROM :es
+    WHERE session_id = :es AND batch_id = ANY(:bids)
         AND EXISTS (SELECT 1 FROM ses) RETURNING 1)"""
 _DEFERRED_CTE = f"""deferred AS (
     UPDATE lash_pending_inputs SET state = 'deferred_next_turn',
         ingress = '{{"scope":"next_turn"}}'::jsonb, {_CLEARED_CLAIM_SQL}
-    WHERE input_id = ANY(:dids) AND session_id IS NOT DISTINCT FROM :es
-        AND state = 'pending_active'
+    WHERE session_id = :es AND input_id = ANY(:dids) AND state = 'pending_active'
         AND EXISTS (SELECT 1 FROM ses)
     RETURNING 1)"""
 
@@ -431,12 +419,10 @@ _COMMIT_HEAD = prepared(
     "  FROM lash_sessions WHERE session_id = :s FOR UPDATE) x) AS session,"
     " (SELECT json_agg(json_build_array(i.input_id, i.claim_id, i.claim_token))"
     "  FROM (SELECT input_id, claim_id, claim_token FROM lash_pending_inputs"
-    "   WHERE input_id = ANY(:ids) AND session_id IS NOT DISTINCT FROM :s FOR UPDATE) i)"
-    " AS inputs,"
+    "   WHERE session_id = :s AND input_id = ANY(:ids) FOR UPDATE) i) AS inputs,"
     " (SELECT json_agg(json_build_array(c.batch_id, c.claim_id, c.claim_token))"
     "  FROM (SELECT batch_id, claim_id, claim_token FROM lash_session_commands"
-    "   WHERE batch_id = ANY(:bids) AND session_id IS NOT DISTINCT FROM :s FOR UPDATE) c)"
-    " AS commands,"
+    "   WHERE session_id = :s AND batch_id = ANY(:bids) FOR UPDATE) c) AS commands,"
     f" (SELECT json_agg(row_to_json(a)) FROM ({_STEERING_ROWS_SQL}) a) AS steering,"
     " (SELECT coalesce(array_agg(d.input_id ORDER BY d.enqueue_seq), '{}')"
     "  FROM (SELECT input_id, enqueue_seq FROM lash_pending_inputs"
